@@ -1,0 +1,5 @@
+import sys
+
+from .echo import main
+
+sys.exit(main())

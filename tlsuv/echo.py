@@ -1,0 +1,126 @@
+"""``python -m tlsuv.echo``: the seed's TLS echo server, made production-worthy.
+
+Every connection gets ``OK\\r\\n`` the moment it is accepted -- before the TLS
+handshake, so that write takes the deferred path, as in the seed -- and then
+every byte it sends comes back.  A peer that does not read its echoes is
+paused (flow control) instead of growing our memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import pyuv
+
+from . import _cli
+from .certs import CertificateError, load_bundle, self_signed, server_context
+from .connection import Connection, ConnectionOptions
+from .handler import Handler
+from .server import Server, ServerError
+
+log = logging.getLogger("tlsuv.echo")
+
+GREETING = b"OK\r\n"
+
+
+class EchoHandler(Handler):
+    """Greets, then echoes; stops reading while the peer is not reading our echoes."""
+
+    __slots__ = ()
+
+    def established(self, conn: Connection) -> None:
+        conn.write(GREETING)
+
+    def read(self, conn: Connection, data: bytes) -> None:
+        conn.write(data)
+
+    def pause_writing(self, conn: Connection) -> None:
+        conn.pause_reading()
+
+    def resume_writing(self, conn: Connection) -> None:
+        conn.resume_reading()
+
+
+def echo_factory(conn: Connection) -> Handler:
+    return EchoHandler()
+
+
+def build_parser() -> _cli.ArgumentParser:
+    p = _cli.ArgumentParser(prog="python -m tlsuv.echo", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; ::1 for IPv6)")
+    p.add_argument("--port", type=_cli.port_number, default=4433, help="TCP port (default 4433; 0 picks one)")
+    p.add_argument("--cert", help="PEM certificate (chain) file")
+    p.add_argument("--key", help="PEM private key file")
+    p.add_argument("--allow-client-renegotiation", action="store_true",
+                   help="let clients start TLS 1.2 renegotiation (off: it is a CPU-exhaustion vector)")
+    p.add_argument("--handshake-timeout", type=_cli.positive_float, default=10.0, metavar="SECONDS",
+                   help="drop peers that have not finished the handshake by then (default 10)")
+    p.add_argument("--idle-timeout", type=_cli.positive_float, default=None, metavar="SECONDS",
+                   help="close connections with no traffic for this long (default: off)")
+    p.add_argument("--close-timeout", type=_cli.positive_float, default=5.0, metavar="SECONDS",
+                   help="how long a graceful close waits for the peer (default 5)")
+    p.add_argument("--max-connections", type=_cli.positive_int, default=None, metavar="N",
+                   help="refuse new connections beyond N open ones (default: no limit)")
+    p.add_argument("--grace", type=_cli.positive_float, default=5.0, metavar="SECONDS",
+                   help="on SIGINT/SIGTERM, wait this long for connections to close (default 5)")
+    p.add_argument("--log-level", choices=_cli.LOG_LEVELS, default="info")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if (args.cert is None) != (args.key is None):
+        _cli.fail("python -m tlsuv.echo: error: --cert and --key go together")
+    _cli.setup_logging(args.log_level)
+    try:
+        bundle = load_bundle(args.cert, args.key) if args.cert is not None else self_signed()
+        context = server_context(bundle)
+    except CertificateError as exc:
+        _cli.fail(f"python -m tlsuv.echo: error: {exc}")
+    options = ConnectionOptions(
+        handshake_timeout=args.handshake_timeout,
+        idle_timeout=args.idle_timeout,
+        close_timeout=args.close_timeout,
+        allow_client_renegotiation=args.allow_client_renegotiation,
+    )
+    loop = pyuv.Loop()
+    server = Server(loop, context, echo_factory, options=options, max_connections=args.max_connections)
+    try:
+        host, port = server.listen(args.host, args.port)
+    except ServerError as exc:
+        _cli.fail(f"python -m tlsuv.echo: error: {exc}")
+    if args.cert is None:
+        print(f"self-signed certificate for localhost, 127.0.0.1, ::1; "
+              f"SHA-256 fingerprint {bundle.fingerprint}", flush=True)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"tlsuv echo server listening on {shown}:{port}", flush=True)
+
+    signals: list[pyuv.Signal] = []
+
+    def done() -> None:
+        for h in signals:
+            h.close()
+
+    def on_signal(handle: pyuv.Signal, signum: int) -> None:
+        if server._closing:
+            log.info("second signal: aborting all connections")
+            server.abort()
+            return
+        log.info("%s: closing %d connection(s), grace %.1fs",
+                 signal.Signals(signum).name, len(server.connections), args.grace)
+        server.close(args.grace, done)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        h = pyuv.Signal(loop)
+        h.start(on_signal, signum)
+        signals.append(h)
+    loop.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The exceptions tlsuv raises and reports.
+
+A connection that ends for any reason other than a clean TLS close is handed
+one of these as the *reason* of ``Handler.closed``.  The hierarchy is small on
+purpose: callers usually care whether the close was clean (``None``), whether
+the peer misbehaved at the TLS level (:class:`TLSError`), whether the
+transport failed under us (:class:`TransportError`), or whether we gave up
+waiting (:class:`TimeoutError`).  Every one raised from a lower-level error is
+raised ``from`` it, so the OpenSSL or libuv detail stays on ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+
+class TLSUVError(Exception):
+    """Base class of every tlsuv error."""
+
+
+class TLSError(TLSUVError):
+    """OpenSSL refused the peer's bytes or our request.
+
+    ``reason`` is OpenSSL's short reason string (e.g. ``"wrong version number"``),
+    ``alert`` the TLS alert description we sent the peer when known.
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None, alert: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.alert = alert
+
+
+class HandshakeError(TLSError):
+    """The TLS handshake failed or the peer went away before finishing it."""
+
+
+class TruncationError(TLSUVError):
+    """The peer closed TCP without sending close_notify (RFC 8446 section 6.1).
+
+    The data received before it was delivered, but it may be incomplete: an
+    attacker can cut a stream short, and only close_notify proves the end.
+    """
+
+
+class TransportError(TLSUVError):
+    """libuv reported a socket error (reset, broken pipe, ...)."""
+
+    def __init__(self, message: str, *, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+
+class TimeoutError(TLSUVError, builtins.TimeoutError):
+    """A handshake, idle or close deadline passed.  ``phase`` names which."""
+
+    def __init__(self, message: str, *, phase: str):
+        super().__init__(message)
+        self.phase = phase
+
+
+class ConnectionClosedError(TLSUVError):
+    """An operation was asked of a connection that is closing or closed."""
+
+
+class HandlerError(TLSUVError):
+    """A handler callback raised; the connection was aborted because of it."""
+
+
+class ProtocolError(TLSUVError):
+    """The peer broke a framing rule outside TLS itself (e.g. a PROXY header)."""

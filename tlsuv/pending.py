@@ -1,0 +1,93 @@
+"""The pending list and the ``after_io`` Prepare handle (the seed's ``pending_writes`` queue).
+
+Reads and writes never send ciphertext themselves.  They only put their
+connection on the pending list; once per loop iteration, just before libuv
+polls for I/O, the ``after_io`` Prepare handle walks the list and lets each
+connection retry its deferred writes and flush its outgoing BIO.  Batching
+there means one socket write per connection per iteration however many
+``write()`` calls the handler made, and it gives the read-needs-write /
+write-needs-read dance of OpenSSL one orderly place to happen.
+
+Two departures from the seed:
+
+* The Prepare handle runs only while the list is non-empty (as uvloop does
+  with its queued writes).  A started Prepare handle keeps the loop alive, so
+  an always-on one would stop ``loop.run()`` from ever returning.
+* The list is drained by swapping it for an empty one, and drained again if
+  flushing queued more work (a handler callback that writes, a close that
+  follows a flush).  libuv computes its poll timeout *after* the Prepare
+  callbacks, so work left on the list here would wait for unrelated I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import pyuv
+
+# After this many passes in one iteration something keeps re-queueing itself
+# (a handler writing from resume_writing as fast as the kernel takes it).  We
+# stop there so timers and reads still get their turn, and an Idle handle
+# makes the coming poll return at once so the rest is not delayed.
+MAX_PASSES = 16
+
+
+class Flushable(Protocol):
+    def _after_io(self) -> None: ...
+
+
+class PendingList:
+    """Connections with ciphertext to send or deferred writes to retry."""
+
+    __slots__ = ("_active", "_idle", "_pending", "_prepare")
+
+    def __init__(self, loop: pyuv.Loop) -> None:
+        self._prepare = pyuv.Prepare(loop)
+        self._idle = pyuv.Idle(loop)
+        # A dict used as an ordered set: O(1) add, remove and membership, and
+        # connections are flushed in the order they asked.
+        self._pending: dict[Flushable, None] = {}
+        self._active = False
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __contains__(self, conn: object) -> bool:
+        return conn in self._pending
+
+    def add(self, conn: Flushable) -> None:
+        self._pending[conn] = None
+        if not self._active:
+            self._active = True
+            self._prepare.start(self._after_io)
+
+    def discard(self, conn: Flushable) -> None:
+        self._pending.pop(conn, None)
+
+    def _after_io(self, handle: pyuv.Prepare) -> None:
+        for _ in range(MAX_PASSES):
+            batch = self._pending
+            if not batch:
+                break
+            self._pending = {}
+            for conn in batch:
+                conn._after_io()
+        if self._pending:
+            if not self._idle.active:
+                self._idle.start(_no_op)
+            return
+        if self._idle.active:
+            self._idle.stop()
+        self._active = False
+        self._prepare.stop()
+
+    def close(self) -> None:
+        self._pending.clear()
+        self._active = False
+        for h in (self._prepare, self._idle):
+            if not h.closed:
+                h.close()
+
+
+def _no_op(handle: pyuv.Idle) -> None:
+    pass

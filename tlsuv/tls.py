@@ -1,0 +1,418 @@
+"""The I/O-free TLS core: one OpenSSL connection between two memory BIOs.
+
+Why this module exists
+======================
+
+The seed post's key idea is that TLS need not own the socket.  OpenSSL's
+*memory BIOs* let us hand it ciphertext we read ourselves (``bio_write``) and
+collect the ciphertext it wants sent (``bio_read``), while the application
+talks plaintext through ``recv`` and ``send``.  Whoever owns the socket --
+libuv in :mod:`tlsuv.server`, a list of bytes in the tests -- just moves
+bytes between the two.  This module is that TLS half, and it never imports
+pyuv: everything here can be driven byte by byte against a second in-memory
+peer.
+
+The traps, and how each is handled
+==================================
+
+* **Reads can write and writes can read.**  A handshake, a TLS 1.2
+  renegotiation, a TLS 1.3 KeyUpdate or session ticket: OpenSSL may need to
+  *send* while we asked it to read, and may need to *receive* before it can
+  encrypt what we asked it to write.  With memory BIOs the first case is
+  free: output simply accumulates in the outgoing BIO and the owner flushes
+  it (:meth:`TLSEngine.data_to_send`) after every call.  The second case is
+  the seed's *deferred writes*: ``send`` raises ``WantReadError``, we keep the
+  buffer, and retry it (:meth:`TLSEngine.retry_deferred`) after more input
+  arrived.  There is no explicit accept or handshake call: the first read or
+  write drives the handshake, exactly as in the seed.
+
+* **A retried write must be the same buffer, same length.**  OpenSSL remembers
+  a partially written record; retrying with a shorter buffer fails with "bad
+  write retry".  The deferred list keeps the failed buffer first and it is
+  always retried before anything newer, never split or merged.
+
+* **``WantWriteError`` cannot happen.**  A memory BIO never refuses bytes (it
+  grows), so the seed's WANT_WRITE branches are dead code; memory is bounded
+  instead by the owner's flow control, which looks at :attr:`buffered`.
+
+* **End of stream is not close_notify.**  Only :class:`~OpenSSL.SSL.ZeroReturnError`
+  (the peer's close_notify) is a clean end; a TCP EOF before it is
+  truncation (RFC 8446 section 6.1).  The engine only sees TLS: the owner
+  reports EOF with :meth:`TLSEngine.eof_received`, which tells the two apart.
+
+* **Fatal errors leave an alert behind.**  When OpenSSL rejects the peer's
+  bytes it writes an alert into the outgoing BIO.  The engine goes to
+  ``FAILED`` but keeps that output available, so the owner can send it before
+  closing the socket and the peer learns why.
+
+* **Nothing is silently swallowed.**  Every OpenSSL error becomes a
+  :class:`~tlsuv.errors.TLSError` (or :class:`~tlsuv.errors.HandshakeError`)
+  raised ``from`` the original, with OpenSSL's reason string.
+
+States
+======
+
+::
+
+    HANDSHAKING --(handshake done)--> ESTABLISHED --(we send close_notify)--> SHUTDOWN_SENT
+         |                              |                                      |
+         |                              +--(peer's close_notify)--> PEER_CLOSED |
+         +------------ any fatal error ----> FAILED  <--------------------------+
+                                    PEER_CLOSED / SHUTDOWN_SENT --(both done)--> CLOSED
+
+``_set_state`` refuses any other move, so a logic error shows up as an
+exception at the point it happens rather than as a corrupted stream later.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from typing import Final
+
+from OpenSSL import SSL
+
+from .errors import HandshakeError, TLSError, TruncationError
+
+try:  # pyOpenSSL's private cffi binding: the only way to ask a memory BIO its size.
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+
+    _BIO_get_mem_data = _lib.BIO_get_mem_data
+    _NULL = _ffi.NULL
+except (ImportError, AttributeError):  # pragma: no cover - depends on pyOpenSSL internals
+    _BIO_get_mem_data = None
+    _NULL = None
+
+# OpenSSL hands back at most one TLS record per SSL_read, and a record carries
+# at most 2**14 bytes of plaintext (RFC 8446 section 5.1): asking for more
+# only allocates memory that is never filled.
+RECV_SIZE: Final = 16384
+
+# Drained in pieces this large when the BIO size cannot be asked: big enough
+# for a full handshake flight or several records in one call, small enough to
+# stay below glibc's mmap threshold (128 KiB) so the buffer is cheap.
+BIO_READ_SIZE: Final = 65536
+
+# SSL_OP_ALLOW_CLIENT_RENEGOTIATION from OpenSSL 3's ssl.h.  pyOpenSSL does not
+# export it by name; without it OpenSSL 3+ refuses a renegotiation the client
+# starts, which is the safe default (renegotiation is a cheap way for a client
+# to make a server burn CPU).
+OP_ALLOW_CLIENT_RENEGOTIATION: Final = 0x100
+
+_HANDSHAKE_DONE_STATE: Final = b"SSL negotiation finished successfully"
+
+
+class State(enum.Enum):
+    HANDSHAKING = "handshaking"
+    ESTABLISHED = "established"
+    SHUTDOWN_SENT = "shutdown sent"  # our close_notify is out; still reading
+    PEER_CLOSED = "peer closed"  # the peer's close_notify arrived
+    CLOSED = "closed"  # both close_notify sent and received, or EOF after ours
+    FAILED = "failed"  # a fatal TLS error or truncation; only the alert is left
+
+
+_TRANSITIONS: Final[dict[State, frozenset[State]]] = {
+    State.HANDSHAKING: frozenset({State.ESTABLISHED, State.FAILED}),
+    State.ESTABLISHED: frozenset({State.SHUTDOWN_SENT, State.PEER_CLOSED, State.FAILED}),
+    State.SHUTDOWN_SENT: frozenset({State.CLOSED, State.FAILED}),
+    State.PEER_CLOSED: frozenset({State.CLOSED, State.FAILED}),
+    State.CLOSED: frozenset(),
+    State.FAILED: frozenset(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A bug in tlsuv: the engine was asked to move between two states it cannot."""
+
+
+def describe_openssl_error(exc: SSL.Error) -> str:
+    """OpenSSL's reason string(s) from a pyOpenSSL error, e.g. ``wrong version number``."""
+    parts: list[str] = []
+    for entry in exc.args[0] if exc.args and isinstance(exc.args[0], list) else ():
+        if isinstance(entry, tuple) and len(entry) == 3:
+            parts.append(str(entry[2]))
+    if parts:
+        return "; ".join(parts)
+    return str(exc) or type(exc).__name__
+
+
+class TLSEngine:
+    """One TLS connection with no I/O of its own (the seed's ``SSL*`` and two BIOs).
+
+    The owner calls :meth:`receive` with ciphertext from the network and gets
+    plaintext back; calls :meth:`write` with plaintext; and after either one
+    sends whatever :meth:`data_to_send` returns.  :attr:`state` says where the
+    connection is; :attr:`wants_flush` says whether the owner has work to do.
+    """
+
+    __slots__ = (
+        "_bio",
+        "_deferred",
+        "_deferred_bytes",
+        "bytes_received",
+        "bytes_sent",
+        "server_side",
+        "ssl",
+        "state",
+    )
+
+    def __init__(
+        self,
+        context: SSL.Context,
+        *,
+        server_side: bool = True,
+        server_hostname: str | None = None,
+        allow_client_renegotiation: bool = False,
+    ) -> None:
+        self.ssl = SSL.Connection(context, None)
+        self.server_side = server_side
+        if server_side:
+            self.ssl.set_accept_state()
+            if allow_client_renegotiation:
+                # Per connection, not on the Context: pyOpenSSL forbids
+                # changing a Context once a Connection was made from it.
+                self.ssl.set_options(OP_ALLOW_CLIENT_RENEGOTIATION)
+        else:
+            if server_hostname:
+                self.ssl.set_tlsext_host_name(server_hostname.encode("idna"))
+            self.ssl.set_connect_state()
+        self.state = State.HANDSHAKING
+        # Plaintext that OpenSSL could not take yet (it needs to read first).
+        self._deferred: deque[memoryview] = deque()
+        self._deferred_bytes = 0
+        self._bio = getattr(self.ssl, "_from_ssl", None) if _BIO_get_mem_data else None
+        self.bytes_received = 0  # plaintext delivered to the owner
+        self.bytes_sent = 0  # plaintext accepted by OpenSSL
+
+    # -- state -----------------------------------------------------------
+
+    def _set_state(self, new: State) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise InvalidTransition(f"TLS engine cannot go from {self.state.value} to {new.value}")
+        self.state = new
+
+    @property
+    def established(self) -> bool:
+        """The first handshake has completed (and the engine has not failed)."""
+        return self.state is not State.HANDSHAKING and self.state is not State.FAILED
+
+    @property
+    def can_write(self) -> bool:
+        return self.state is State.HANDSHAKING or self.state is State.ESTABLISHED
+
+    @property
+    def deferred_bytes(self) -> int:
+        """Plaintext accepted by :meth:`write` that OpenSSL has not encrypted yet."""
+        return self._deferred_bytes
+
+    @property
+    def has_deferred(self) -> bool:
+        return bool(self._deferred)
+
+    def pending_output(self) -> int:
+        """Bytes of ciphertext waiting in the outgoing BIO (-1 if it cannot be asked)."""
+        if self._bio is None:
+            return -1
+        return int(_BIO_get_mem_data(self._bio, _NULL))
+
+    @property
+    def wants_flush(self) -> bool:
+        """True when the owner should call :meth:`retry_deferred` or :meth:`data_to_send`."""
+        return bool(self._deferred) or self.pending_output() != 0
+
+    # -- input -----------------------------------------------------------
+
+    def receive(self, data: bytes) -> list[bytes]:
+        """Feed ciphertext from the network; return the plaintext it completed.
+
+        Raises :class:`TLSError` (or :class:`HandshakeError`) when the peer's
+        bytes are fatal; the engine is then ``FAILED`` and :meth:`data_to_send`
+        still returns the alert OpenSSL wrote.  After the peer's close_notify
+        the state is ``PEER_CLOSED`` (or ``CLOSED``) and more input is ignored.
+        """
+        state = self.state
+        if state is State.FAILED or state is State.CLOSED or state is State.PEER_CLOSED:
+            return []
+        ssl = self.ssl
+        if data:
+            ssl.bio_write(data)
+        chunks: list[bytes] = []
+        recv = ssl.recv
+        try:
+            while True:
+                chunks.append(recv(RECV_SIZE))
+        except SSL.WantReadError:
+            pass
+        except SSL.ZeroReturnError:
+            self._peer_close_notify()
+        except SSL.Error as exc:
+            raise self._fail(exc) from exc
+        if state is State.HANDSHAKING:
+            self._check_handshake()
+        if self.state is State.SHUTDOWN_SENT and chunks:
+            # Application data after our close_notify is legal (the peer had
+            # not seen it yet); drain it so it cannot fill memory, drop it.
+            chunks.clear()
+        if chunks:
+            self.bytes_received += sum(map(len, chunks))
+        return chunks
+
+    def _check_handshake(self) -> None:
+        if self.state is State.HANDSHAKING and self.ssl.get_state_string() == _HANDSHAKE_DONE_STATE:
+            self._set_state(State.ESTABLISHED)
+
+    def _peer_close_notify(self) -> None:
+        if self.state is State.SHUTDOWN_SENT:
+            self._set_state(State.CLOSED)
+        elif self.state is State.HANDSHAKING:
+            # OpenSSL reports close_notify during a handshake as ZeroReturn too.
+            self._set_state(State.FAILED)
+            raise HandshakeError("peer sent close_notify before the handshake completed")
+        else:
+            self._set_state(State.PEER_CLOSED)
+
+    def eof_received(self) -> None:
+        """The transport reached end of stream.  Raise unless that was a clean close.
+
+        Clean means the peer's close_notify came first (``PEER_CLOSED`` or
+        ``CLOSED``), or we had sent ours and the peer simply closed -- many TLS
+        1.3 stacks never answer close_notify, and waiting for it helps nobody.
+        """
+        if self.state in (State.PEER_CLOSED, State.CLOSED, State.FAILED):
+            return
+        if self.state is State.SHUTDOWN_SENT:
+            self._set_state(State.CLOSED)
+            return
+        was = self.state
+        self._set_state(State.FAILED)
+        if was is State.HANDSHAKING:
+            raise HandshakeError("peer closed the connection during the handshake")
+        raise TruncationError("peer closed the connection without close_notify (truncation)")
+
+    # -- output ----------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt ``data`` now, or keep it as a deferred write if OpenSSL must read first."""
+        if not self.can_write:
+            raise TLSError(f"cannot write: TLS connection is {self.state.value}")
+        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+        if not view:
+            return
+        if self._deferred:
+            self._deferred.append(view)
+            self._deferred_bytes += len(view)
+            return
+        self._send_or_defer(view)
+
+    def _send_or_defer(self, view: memoryview) -> bool:
+        """Push ``view`` into OpenSSL; on WantRead keep the rest deferred.  True if all went."""
+        send = self.ssl.send
+        try:
+            while view:
+                n = send(view)
+                self.bytes_sent += n
+                view = view[n:]
+        except SSL.WantReadError:
+            self._deferred.appendleft(view)
+            self._deferred_bytes += len(view)
+            return False
+        except SSL.Error as exc:
+            raise self._fail(exc) from exc
+        return True
+
+    def retry_deferred(self) -> bool:
+        """Retry deferred writes in order.  True when none remain."""
+        deferred = self._deferred
+        while deferred and self.can_write:
+            view = deferred.popleft()
+            self._deferred_bytes -= len(view)
+            if not self._send_or_defer(view):
+                return False
+        return not deferred
+
+    def data_to_send(self) -> bytes:
+        """Drain and return the ciphertext OpenSSL produced (b"" when none)."""
+        n = self.pending_output()
+        if n == 0:
+            return b""
+        if n > 0:
+            return self.ssl.bio_read(n)
+        out: list[bytes] = []
+        try:
+            while True:
+                chunk = self.ssl.bio_read(BIO_READ_SIZE)
+                out.append(chunk)
+                if len(chunk) < BIO_READ_SIZE:
+                    break
+        except SSL.WantReadError:
+            pass
+        return b"".join(out)
+
+    # -- control ---------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Queue our close_notify (the caller flushes it).
+
+        Deferred writes go first: a graceful close delivers everything that
+        was accepted.  If they are still blocked (a renegotiation waiting for
+        the peer) the caller must wait for more input and call again.  Before
+        the handshake there is nothing to close_notify: OpenSSL refuses, and
+        the caller simply closes the transport.
+        """
+        if self.state is State.HANDSHAKING:
+            raise TLSError("cannot send close_notify before the handshake completed")
+        if self.state not in (State.ESTABLISHED, State.PEER_CLOSED):
+            return
+        if self._deferred and not self.retry_deferred():
+            return
+        try:
+            self.ssl.shutdown()
+        except SSL.Error as exc:
+            raise self._fail(exc) from exc
+        self._set_state(State.SHUTDOWN_SENT if self.state is State.ESTABLISHED else State.CLOSED)
+
+    def renegotiate(self) -> None:
+        """Start a server-initiated renegotiation (TLS 1.2 only).
+
+        ``SSL_renegotiate`` only sets a flag; ``do_handshake`` makes OpenSSL
+        write the HelloRequest now, and then wants the client's answer.
+        """
+        if self.state is not State.ESTABLISHED:
+            raise TLSError(f"cannot renegotiate: TLS connection is {self.state.value}")
+        try:
+            if not self.ssl.renegotiate():
+                raise TLSError("OpenSSL refused to start a renegotiation")
+            self.ssl.do_handshake()
+        except SSL.WantReadError:
+            pass
+        except SSL.Error as exc:
+            raise TLSError(
+                f"cannot renegotiate: {describe_openssl_error(exc)}",
+                reason=describe_openssl_error(exc),
+            ) from exc
+
+    def _fail(self, exc: SSL.Error) -> TLSError:
+        was = self.state
+        self.state = State.FAILED  # from any state: the guard is for orderly moves
+        self._deferred.clear()
+        self._deferred_bytes = 0
+        reason = describe_openssl_error(exc)
+        cls = HandshakeError if was is State.HANDSHAKING else TLSError
+        if isinstance(exc, SSL.SysCallError):
+            return cls(f"TLS transport error: {reason}", reason=reason)
+        return cls(f"TLS error: {reason}", reason=reason)
+
+    # -- introspection ---------------------------------------------------
+
+    @property
+    def version(self) -> str | None:
+        return self.ssl.get_protocol_version_name() if self.established else None
+
+    @property
+    def cipher(self) -> str | None:
+        return self.ssl.get_cipher_name() if self.established else None
+
+    @property
+    def renegotiations(self) -> int:
+        return int(self.ssl.total_renegotiations())
