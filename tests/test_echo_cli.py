@@ -1,0 +1,147 @@
+"""``python -m tlsuv.echo`` as a user runs it: arguments, files, signals."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Certs, recv_exactly
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+ECHO = [sys.executable, "-m", "tlsuv.echo"]
+
+
+def run_echo(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ECHO, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert proc.returncode == 2, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got: {proc.stderr!r}"
+    assert "Traceback" not in proc.stderr
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--port", "99999"], "port must be 0-65535"),
+        (["--port", "http"], "not a port number"),
+        (["--bogus"], "unrecognized arguments"),
+        (["--handshake-timeout", "-1"], "positive"),
+        (["--max-connections", "0"], "at least 1"),
+        (["--cert", "x.pem"], "--cert and --key go together"),
+        (["--log-level", "loud"], "invalid choice"),
+    ],
+)
+def test_bad_arguments(args: list[str], fragment: str) -> None:
+    assert_one_line_error(run_echo(*args), fragment)
+
+
+def test_missing_certificate_file(tmp_path: Path, certs: Certs) -> None:
+    proc = run_echo("--cert", str(tmp_path / "nope.pem"), "--key", str(certs.key_file))
+    assert_one_line_error(proc, "certificate file not found")
+
+
+def test_garbage_certificate_file(tmp_path: Path, certs: Certs) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    proc = run_echo("--cert", str(bad), "--key", str(certs.key_file))
+    assert_one_line_error(proc, "no valid PEM certificate")
+
+
+def test_unreadable_key_file(tmp_path: Path, certs: Certs) -> None:
+    assert_one_line_error(run_echo("--cert", str(certs.cert_file), "--key", str(tmp_path)), "is a directory")
+
+
+def test_key_that_does_not_match(tmp_path: Path, certs: Certs) -> None:
+    other = certs.ca.issue_cert("other.example")
+    key = tmp_path / "other.key"
+    other.private_key_pem.write_to_path(str(key))
+    assert_one_line_error(run_echo("--cert", str(certs.cert_file), "--key", str(key)),
+                          "key does not match the certificate")
+
+
+def test_port_in_use() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert_one_line_error(run_echo("--port", str(port)), "address already in use")
+
+
+def start_echo(*args: str) -> tuple[subprocess.Popen[str], int, list[str]]:
+    proc = subprocess.Popen([*ECHO, "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 20
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"listening on .*:(\d+)$", line.strip())
+        if m:
+            return proc, int(m.group(1)), lines
+    proc.kill()
+    raise AssertionError(f"echo server did not start: {lines!r} {proc.stderr.read() if proc.stderr else ''}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_with_exit_0(certs: Certs, signum: int) -> None:
+    proc, port, _ = start_echo("--cert", str(certs.cert_file), "--key", str(certs.key_file))
+    try:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
+            assert recv_exactly(s, 4) == b"OK\r\n"
+            os.kill(proc.pid, signum)
+            # A graceful stop sends close_notify: a clean EOF, not a reset or truncation.
+            assert s.recv(10) == b""
+        assert proc.wait(timeout=15) == 0
+        assert proc.stderr is not None
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_self_signed_certificate_and_fingerprint() -> None:
+    proc, port, lines = start_echo()
+    try:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            der = s.getpeercert(binary_form=True)
+            assert der is not None
+            assert recv_exactly(s, 4) == b"OK\r\n"
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    cert = x509.load_der_x509_certificate(der)
+    printed = re.search(r"fingerprint ([0-9A-F:]{95})", "".join(lines))
+    assert printed, lines
+    assert printed.group(1) == ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    assert key.curve.name == "secp256r1"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert {str(a) for a in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1"}

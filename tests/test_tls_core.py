@@ -1,0 +1,227 @@
+"""The I/O-free core against a second in-memory TLS peer: no sockets, every byte boundary chosen."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import Certs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from memory_peers import PlainPeer, pump
+from OpenSSL import SSL
+
+from tlsuv.errors import HandshakeError, TLSError, TruncationError
+from tlsuv.tls import InvalidTransition, State, TLSEngine
+
+VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
+
+
+def make_pair(certs: Certs, version: str = "TLSv1.3",
+              allow_client_renegotiation: bool = False) -> tuple[TLSEngine, PlainPeer]:
+    server_ctx = certs.server_context(max_version=VERSIONS[version])
+    engine = TLSEngine(server_ctx, allow_client_renegotiation=allow_client_renegotiation)
+    peer = PlainPeer(certs.client_pyopenssl_context())
+    peer.kick()
+    return engine, peer
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def state(engine: TLSEngine) -> State:
+    """The engine's state, read through a call so mypy does not pin it after an assert."""
+    return engine.state
+
+
+def test_greeting_before_handshake_is_deferred_then_delivered(certs: Certs, version: str) -> None:
+    engine, peer = make_pair(certs, version)
+    engine.write(b"OK\r\n")
+    assert engine.has_deferred, "a write before the handshake must become a deferred write"
+    assert state(engine) is State.HANDSHAKING
+    pump(engine, peer)
+    assert state(engine) is State.ESTABLISHED
+    assert engine.version == version
+    assert not engine.has_deferred
+    assert bytes(peer.received) == b"OK\r\n"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_echo_both_ways(certs: Certs, version: str) -> None:
+    engine, peer = make_pair(certs, version)
+    pump(engine, peer)
+    got = bytearray()
+    assert peer.send(b"ping" * 1000)
+    pump(engine, peer, on_plain=got.extend)
+    assert bytes(got) == b"ping" * 1000
+    engine.write(bytes(got))
+    pump(engine, peer)
+    assert bytes(peer.received) == b"ping" * 1000
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    max_chunk=st.sampled_from([1, 2, 7, 100, 1500, 20000]),
+    payload_sizes=st.lists(st.integers(1, 40000), min_size=1, max_size=5),
+    version=st.sampled_from(sorted(VERSIONS)),
+)
+def test_random_chunking_is_byte_exact(
+    certs: Certs, seed: int, max_chunk: int, payload_sizes: list[int], version: str
+) -> None:
+    """Ciphertext cut anywhere, down to single bytes, still decrypts to the same stream."""
+    rnd = random.Random(seed)
+
+    def sizes() -> int:
+        return rnd.randint(1, max_chunk)
+
+    engine, peer = make_pair(certs, version)
+    engine.write(b"OK\r\n")
+    pump(engine, peer, sizes, rounds=200)
+    sent = bytearray()
+    got = bytearray()
+    for n in payload_sizes:
+        data = rnd.randbytes(n)
+        sent += data
+        assert peer.send(data)
+        pump(engine, peer, sizes, rounds=200, on_plain=got.extend)
+        engine.write(bytes(got[len(got) - n :]) if len(got) >= n else b"")
+    pump(engine, peer, sizes, rounds=200)
+    assert bytes(got) == bytes(sent)
+    assert bytes(peer.received) == b"OK\r\n" + bytes(sent)
+
+
+def test_server_initiated_renegotiation_in_memory(certs: Certs) -> None:
+    engine, peer = make_pair(certs, "TLSv1.2")
+    pump(engine, peer)
+    before = engine.renegotiations
+    engine.renegotiate()
+    # Data written while the renegotiation is in flight must not be lost.
+    engine.write(b"during")
+    got = bytearray()
+    for _ in range(5):
+        pump(engine, peer, on_plain=got.extend)
+        peer.incoming(b"")
+    assert peer.send(b"after")
+    pump(engine, peer, on_plain=got.extend)
+    assert engine.renegotiations == before + 1
+    assert bytes(peer.received) == b"during"
+    assert bytes(got) == b"after"
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_client_initiated_renegotiation(certs: Certs, allowed: bool) -> None:
+    engine, peer = make_pair(certs, "TLSv1.2", allow_client_renegotiation=allowed)
+    pump(engine, peer)
+    assert peer.ssl.renegotiate()
+    peer.kick()
+    if allowed:
+        pump(engine, peer)
+        peer.kick()
+        pump(engine, peer)
+        assert peer.send(b"x")
+        got = bytearray()
+        pump(engine, peer, on_plain=got.extend)
+        assert bytes(got) == b"x"
+        assert state(engine) is State.ESTABLISHED
+    else:
+        # OpenSSL answers with a no_renegotiation alert; the client treats it as fatal.
+        with pytest.raises(SSL.Error):
+            pump(engine, peer)
+            peer.kick()
+            pump(engine, peer)
+            peer.ssl.do_handshake()
+
+
+def test_peer_close_notify_then_ours(certs: Certs) -> None:
+    engine, peer = make_pair(certs)
+    pump(engine, peer)
+    assert peer.send(b"last words")
+    peer.ssl.shutdown()
+    got = bytearray()
+    pump(engine, peer, on_plain=got.extend)
+    assert bytes(got) == b"last words"
+    assert state(engine) is State.PEER_CLOSED
+    engine.shutdown()
+    assert state(engine) is State.CLOSED
+    pump(engine, peer)
+    assert peer.closed_by_peer
+    engine.eof_received()  # EOF after both close_notify is clean: no exception
+
+
+def test_our_close_notify_drains_late_data(certs: Certs) -> None:
+    engine, peer = make_pair(certs)
+    pump(engine, peer)
+    engine.shutdown()
+    assert state(engine) is State.SHUTDOWN_SENT
+    # The peer sent data before it saw our close_notify: drained, dropped, no error.
+    assert peer.send(b"late")
+    assert engine.receive(peer.outgoing()) == []
+    pump(engine, peer)
+    assert peer.closed_by_peer
+    peer.ssl.shutdown()
+    engine.receive(peer.outgoing())
+    assert state(engine) is State.CLOSED
+
+
+def test_eof_after_our_close_notify_is_clean(certs: Certs) -> None:
+    engine, peer = make_pair(certs)
+    pump(engine, peer)
+    engine.shutdown()
+    engine.eof_received()
+    assert state(engine) is State.CLOSED
+
+
+def test_eof_without_close_notify_is_truncation(certs: Certs) -> None:
+    engine, peer = make_pair(certs)
+    pump(engine, peer)
+    with pytest.raises(TruncationError):
+        engine.eof_received()
+    assert state(engine) is State.FAILED
+
+
+def test_eof_during_handshake_is_handshake_error(certs: Certs) -> None:
+    engine, _ = make_pair(certs)
+    with pytest.raises(HandshakeError):
+        engine.eof_received()
+
+
+def test_plain_http_fails_the_handshake_with_openssls_reason(certs: Certs) -> None:
+    engine = TLSEngine(certs.server_context())
+    with pytest.raises(HandshakeError) as info:
+        engine.receive(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert info.value.reason is not None and "http request" in info.value.reason
+    assert isinstance(info.value.__cause__, SSL.Error)
+    assert state(engine) is State.FAILED
+    with pytest.raises(TLSError):
+        engine.write(b"too late")
+
+
+def test_bad_handshake_record_leaves_an_alert_for_the_peer(certs: Certs) -> None:
+    engine = TLSEngine(certs.server_context())
+    # A well-framed handshake record whose message is nonsense: OpenSSL answers with an alert.
+    body = b"\x01\x00\x00\x04" + b"\xff" * 4
+    with pytest.raises(HandshakeError) as info:
+        engine.receive(b"\x16\x03\x01" + len(body).to_bytes(2, "big") + body)
+    assert info.value.reason
+    alert = engine.data_to_send()
+    assert alert[:1] == b"\x15", f"expected an alert record, got {alert!r}"
+
+
+def test_bad_record_after_handshake_is_tls_error(certs: Certs) -> None:
+    engine, peer = make_pair(certs)
+    pump(engine, peer)
+    # An application-data record with a corrupted body fails authentication.
+    with pytest.raises(TLSError) as info:
+        engine.receive(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+    assert not isinstance(info.value, HandshakeError)
+    # TLS 1.3 encrypts alerts, so check what the peer makes of our output.
+    with pytest.raises(SSL.Error, match="bad record mac"):
+        peer.incoming(engine.data_to_send())
+
+
+def test_transition_guard_refuses_illegal_moves(certs: Certs) -> None:
+    engine = TLSEngine(certs.server_context())
+    with pytest.raises(InvalidTransition):
+        engine._set_state(State.CLOSED)
+    with pytest.raises(TLSError):
+        engine.shutdown()  # no close_notify before the handshake
+
