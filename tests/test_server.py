@@ -136,9 +136,8 @@ class Renegotiator(tlsuv.Handler):
     def read(self, conn: tlsuv.Connection, data: bytes) -> None:
         self.received += len(data)
         conn.write(data)
-        if self.received >= self.next_at:
+        if self.received >= self.next_at and conn.renegotiate():
             self.next_at += self.every
-            conn.renegotiate()
             self.count += 1
 
     def closed(self, conn: tlsuv.Connection, reason: BaseException | None) -> None:
@@ -166,8 +165,9 @@ def test_server_renegotiation_while_streaming_10mb(certs: Certs) -> None:
     assert bytes(result.received[:4]) == GREETING
     assert hashlib.sha256(result.received[4:]).digest() == hashlib.sha256(payload).digest()
     (h,) = handlers
-    assert h.count >= 9
-    # Every renegotiation the server asked for was completed with the client.
+    # One every MiB unless the previous one was still in flight (OpenSSL cannot
+    # stack them); OpenSSL's own count agrees with ours.
+    assert h.count >= 5
     assert h.final_renegotiations == h.count
 
 

@@ -26,12 +26,12 @@ def make_pair(certs: Certs, version: str = "TLSv1.3",
     return engine, peer
 
 
-@pytest.mark.parametrize("version", VERSIONS)
 def state(engine: TLSEngine) -> State:
     """The engine's state, read through a call so mypy does not pin it after an assert."""
     return engine.state
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 def test_greeting_before_handshake_is_deferred_then_delivered(certs: Certs, version: str) -> None:
     engine, peer = make_pair(certs, version)
     engine.write(b"OK\r\n")
@@ -93,7 +93,8 @@ def test_server_initiated_renegotiation_in_memory(certs: Certs) -> None:
     engine, peer = make_pair(certs, "TLSv1.2")
     pump(engine, peer)
     before = engine.renegotiations
-    engine.renegotiate()
+    assert engine.renegotiate()
+    assert not engine.renegotiate(), "a second one cannot start while the first is in flight"
     # Data written while the renegotiation is in flight must not be lost.
     engine.write(b"during")
     got = bytearray()
@@ -216,6 +217,14 @@ def test_bad_record_after_handshake_is_tls_error(certs: Certs) -> None:
     # TLS 1.3 encrypts alerts, so check what the peer makes of our output.
     with pytest.raises(SSL.Error, match="bad record mac"):
         peer.incoming(engine.data_to_send())
+
+
+def test_renegotiation_refused_on_tls13(certs: Certs) -> None:
+    engine, peer = make_pair(certs, "TLSv1.3")
+    pump(engine, peer)
+    with pytest.raises(TLSError, match="TLS 1.2"):
+        engine.renegotiate()
+    assert state(engine) is State.ESTABLISHED
 
 
 def test_transition_guard_refuses_illegal_moves(certs: Certs) -> None:

@@ -305,12 +305,16 @@ class Connection:
             self._deliver(chunk)
         self._update_reading()
 
-    def renegotiate(self) -> None:
-        """Start a TLS 1.2 renegotiation from the server side."""
+    def renegotiate(self) -> bool:
+        """Start a TLS 1.2 renegotiation from the server side.
+
+        False if one is already in progress.  Raises TLSError on TLS 1.3.
+        """
         if self._closing or self._finished:
             raise ConnectionClosedError("renegotiate() on a connection that is closing or closed")
-        self._tls.renegotiate()
+        started = self._tls.renegotiate()
         self._pending.add(self)
+        return started
 
     # -- libuv callbacks ---------------------------------------------------
 

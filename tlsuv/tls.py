@@ -372,25 +372,29 @@ class TLSEngine:
             raise self._fail(exc) from exc
         self._set_state(State.SHUTDOWN_SENT if self.state is State.ESTABLISHED else State.CLOSED)
 
-    def renegotiate(self) -> None:
+    def renegotiate(self) -> bool:
         """Start a server-initiated renegotiation (TLS 1.2 only).
 
-        ``SSL_renegotiate`` only sets a flag; ``do_handshake`` makes OpenSSL
-        write the HelloRequest now, and then wants the client's answer.
+        Returns False, doing nothing, while an earlier renegotiation is still
+        in flight: OpenSSL cannot stack them.  ``SSL_renegotiate`` only sets a
+        flag; ``do_handshake`` makes OpenSSL write the HelloRequest now, and
+        then wants the client's answer.
         """
         if self.state is not State.ESTABLISHED:
             raise TLSError(f"cannot renegotiate: TLS connection is {self.state.value}")
+        if self.ssl.get_protocol_version_name() != "TLSv1.2":
+            raise TLSError("renegotiation needs TLS 1.2 (TLS 1.3 has no renegotiation)")
+        if self.ssl.renegotiate_pending():
+            return False
         try:
             if not self.ssl.renegotiate():
-                raise TLSError("OpenSSL refused to start a renegotiation")
+                return False
             self.ssl.do_handshake()
         except SSL.WantReadError:
             pass
         except SSL.Error as exc:
-            raise TLSError(
-                f"cannot renegotiate: {describe_openssl_error(exc)}",
-                reason=describe_openssl_error(exc),
-            ) from exc
+            raise self._fail(exc) from exc
+        return True
 
     def _fail(self, exc: SSL.Error) -> TLSError:
         was = self.state
