@@ -7,6 +7,7 @@ import contextlib
 import selectors
 import socket
 import ssl
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -85,3 +86,89 @@ def pyopenssl_stream(host: str, port: int, ctx: SSL.Context, payload: bytes, *,
     finally:
         sel.close()
         conn.close()
+
+
+class RawTLSClient:
+    """A TLS client whose every step the test controls: pyOpenSSL over memory BIOs on a socket.
+
+    Python's ssl module hides close_notify, truncation and resets behind one
+    ``unwrap``; the lifecycle tests need each of them on its own.
+    """
+
+    def __init__(self, port: int, ctx: SSL.Context, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.ssl = SSL.Connection(ctx, None)
+        self.ssl.set_tlsext_host_name(b"localhost")
+        self.ssl.set_connect_state()
+        self.received = bytearray()
+        self.got_close_notify = False
+        self.eof = False
+
+    def _flush(self) -> None:
+        while True:
+            try:
+                data = self.ssl.bio_read(65536)
+            except SSL.WantReadError:
+                return
+            self.sock.sendall(data)
+
+    def _pump_once(self) -> bool:
+        """Read one chunk from the socket into OpenSSL; False at EOF."""
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self.ssl.bio_write(data)
+        try:
+            while True:
+                self.received += self.ssl.recv(65536)
+        except SSL.WantReadError:
+            pass
+        except SSL.ZeroReturnError:
+            self.got_close_notify = True
+        self._flush()
+        return True
+
+    def handshake(self) -> None:
+        while True:
+            try:
+                self.ssl.do_handshake()
+                break
+            except SSL.WantReadError:
+                self._flush()
+                if not self._pump_once():
+                    raise ConnectionError("server closed during the handshake") from None
+        self._flush()
+
+    def send(self, data: bytes) -> None:
+        self.ssl.sendall(data)
+        self._flush()
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_until(self, n: int) -> bytes:
+        while len(self.received) < n and not self.got_close_notify and self._pump_once():
+            pass
+        return bytes(self.received[:n])
+
+    def read_to_end(self) -> bytes:
+        """Read until close_notify or EOF; return everything received."""
+        while not self.got_close_notify and self._pump_once():
+            pass
+        return bytes(self.received)
+
+    def send_close_notify(self) -> None:
+        self.ssl.shutdown()
+        self._flush()
+
+    def close_tcp(self) -> None:
+        self.sock.close()
+
+    def reset(self) -> None:
+        """Close with RST (SO_LINGER 0): the abrupt ending a crashed peer produces."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()

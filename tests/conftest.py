@@ -13,6 +13,7 @@ import contextlib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +210,25 @@ class ServerThread:
         if not ok:
             raise value
         return value
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Poll ``predicate`` on the loop thread until it holds; fail after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self.call(predicate):
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not reached in time")
+            time.sleep(0.01)
+
+    def open_handles(self) -> dict[str, int]:
+        """Open libuv handles by type, e.g. {"TCP": 3, "Timer": 1}."""
+        def count() -> dict[str, int]:
+            out: dict[str, int] = {}
+            for h in self.loop.handles:
+                if not h.closed:
+                    out[type(h).__name__] = out.get(type(h).__name__, 0) + 1
+            return out
+        result: dict[str, int] = self.call(count)
+        return result
 
     def __enter__(self) -> ServerThread:
         self._thread.start()

@@ -203,8 +203,10 @@ def test_bad_handshake_record_leaves_an_alert_for_the_peer(certs: Certs) -> None
     with pytest.raises(HandshakeError) as info:
         engine.receive(b"\x16\x03\x01" + len(body).to_bytes(2, "big") + body)
     assert info.value.reason
+    assert info.value.alert == "decode_error"
     alert = engine.data_to_send()
     assert alert[:1] == b"\x15", f"expected an alert record, got {alert!r}"
+    assert alert[5:7] == b"\x02\x32", "fatal (2) decode_error (50)"
 
 
 def test_bad_record_after_handshake_is_tls_error(certs: Certs) -> None:

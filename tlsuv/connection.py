@@ -48,10 +48,12 @@ from OpenSSL import SSL
 from .errors import (
     ConnectionClosedError,
     HandlerError,
+    ProtocolError,
     TimeoutError,
     TLSUVError,
     TransportError,
 )
+from .proxy import ProxyHeader, ProxyOptions, ProxyParser
 from .tls import State, TLSEngine
 
 if TYPE_CHECKING:
@@ -85,6 +87,8 @@ class ConnectionOptions:
     high_water: int = 64 * 1024
     low_water: int = 16 * 1024
     allow_client_renegotiation: bool = False
+    # Expect a PROXY protocol header before TLS (behind a load balancer); see tlsuv.proxy.
+    proxy: ProxyOptions | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.low_water <= self.high_water:
@@ -108,6 +112,7 @@ class Connection:
         "_on_gone",
         "_options",
         "_pending",
+        "_proxy",
         "_reading",
         "_reading_paused",
         "_reason",
@@ -122,6 +127,8 @@ class Connection:
         "bytes_in",
         "bytes_out",
         "peer",
+        "proxy_header",
+        "proxy_peer",
         "sockname",
         "user_data",
     )
@@ -163,6 +170,11 @@ class Connection:
         self._tcp_shutdown_started = False
         self.peer = _address(tcp, "getpeername")
         self.sockname = _address(tcp, "getsockname")
+        # Behind a balancer: bytes go to this parser until the header is complete;
+        # then peer/sockname become the client's and proxy_peer keeps the balancer's.
+        self._proxy = ProxyParser() if options.proxy is not None and server_side else None
+        self.proxy_header: ProxyHeader | None = None
+        self.proxy_peer: tuple[str, int] | None = None
         self.user_data: Any = None
         self.bytes_in = 0  # ciphertext bytes read from the socket
         self.bytes_out = 0  # ciphertext bytes handed to libuv
@@ -185,9 +197,13 @@ class Connection:
             return
         if self._options.handshake_timeout is not None:
             self._arm_timer("handshake", self._options.handshake_timeout)
+        proxy = self._options.proxy
+        if self._proxy is not None and proxy is not None and proxy.timeout is not None:
+            self._arm_timer("proxy header", proxy.timeout)  # the handshake's turn comes after
         self._reading = True
         self._tcp.start_read(self._on_read)
-        self._callback("established")
+        if self._proxy is None:  # else once the header names the real peer (_on_proxy_data)
+            self._callback("established")
         if not self._tls.server_side and not self._finished:
             # A client speaks first: queue the ClientHello.
             self._tls.receive(b"")
@@ -333,6 +349,10 @@ class Connection:
         self.bytes_in += len(data)
         if self._timer_phase == "idle":
             self._last_activity = self._tcp.loop.now()
+        if self._proxy is not None:
+            data = self._on_proxy_data(data)
+            if not data:
+                return
         tls = self._tls
         was_handshaking = tls.state is State.HANDSHAKING
         try:
@@ -359,6 +379,32 @@ class Connection:
         if self._reading_paused:
             self._update_reading()
 
+    def _on_proxy_data(self, data: bytes) -> bytes:
+        """Feed the PROXY parser; return what follows the header (for TLS) once it is complete."""
+        assert self._proxy is not None
+        try:
+            result = self._proxy.feed(data)
+        except ProtocolError as exc:
+            log.info("%s: %s", _fmt(self.peer), exc)
+            self._finish(exc)  # nothing was sent yet, and TLS has nothing to say
+            return b""
+        if result is None:
+            return b""
+        self._proxy = None
+        header = self.proxy_header = result.header
+        self.proxy_peer = self.peer
+        if header.source is not None:
+            self.peer, self.sockname = header.source, header.destination
+        log.debug("%s: PROXY v%d header from %s%s", _fmt(self.peer), header.version,
+                  _fmt(self.proxy_peer), " (LOCAL)" if header.local else "")
+        if self._timer_phase == "proxy header":
+            if self._options.handshake_timeout is not None:
+                self._arm_timer("handshake", self._options.handshake_timeout)
+            else:
+                self._stop_timer()
+        self._callback("established")
+        return b"" if self._finished else result.leftover
+
     def _on_handshake_complete(self) -> None:
         if self._timer_phase == "handshake":
             self._stop_timer()
@@ -373,6 +419,9 @@ class Connection:
         self._pending.add(self)
 
     def _on_eof(self) -> None:
+        if self._proxy is not None:
+            self._finish(ProtocolError("peer closed the connection before the PROXY header ended"))
+            return
         try:
             self._tls.eof_received()
         except TLSUVError as exc:
@@ -417,12 +466,15 @@ class Connection:
                 return
         self._timer_phase = ""
         if phase == "close":
-            # The peer did not answer close_notify in time.  Everything we
-            # owed it was handed to libuv; closing now is the normal ending.
-            if self._tls.state in (State.SHUTDOWN_SENT, State.CLOSED):
+            if self._tls_shutdown_done and self._tcp.write_queue_size == 0:
+                # Everything we owed the peer, close_notify included, is on
+                # the wire; it just never answered.  Many TLS 1.3 stacks do
+                # not, so this is a normal ending, not an error.
+                log.debug("%s: no close_notify from the peer in time; closing", _fmt(self.peer))
                 self._finish(None)
             else:
-                self._abort(TimeoutError("graceful close did not complete in time", phase="close"))
+                self._abort(TimeoutError(
+                    "graceful close timed out with data still undelivered", phase="close"))
             return
         self._abort(TimeoutError(f"{phase} timeout", phase=phase))
 
@@ -530,10 +582,7 @@ class Connection:
         self._reason = reason
         self._pending.discard(self)
         self._held = []
-        if self._timer is not None:
-            self._timer_phase = ""
-            if not self._timer.closed:
-                self._timer.close()
+        self._stop_timer()
         if not self._tcp.closed:
             self._tcp.close(self._on_tcp_closed)
         else:  # pragma: no cover - only if someone closed our handle under us
@@ -596,9 +645,12 @@ class Connection:
         timer.start(self._on_timer, seconds, 0.0)  # pyuv timers take seconds
 
     def _stop_timer(self) -> None:
+        # Closed, not just stopped: an idle connection should not carry a
+        # handle it does not use (memory at 10,000 connections).
         self._timer_phase = ""
-        if self._timer is not None and not self._timer.closed:
-            self._timer.stop()
+        timer, self._timer = self._timer, None
+        if timer is not None and not timer.closed:
+            timer.close()
 
     def __repr__(self) -> str:
         closed = " closed" if self._finished else ""

@@ -102,6 +102,21 @@ OP_ALLOW_CLIENT_RENEGOTIATION: Final = 0x100
 
 _HANDSHAKE_DONE_STATE: Final = b"SSL negotiation finished successfully"
 
+# TLS alert descriptions (RFC 8446 section 6, plus the TLS 1.2-only ones), so
+# a failure can say which alert the peer was sent.
+ALERT_NAMES: Final[dict[int, str]] = {
+    0: "close_notify", 10: "unexpected_message", 20: "bad_record_mac", 22: "record_overflow",
+    40: "handshake_failure", 42: "bad_certificate", 43: "unsupported_certificate",
+    44: "certificate_revoked", 45: "certificate_expired", 46: "certificate_unknown",
+    47: "illegal_parameter", 48: "unknown_ca", 49: "access_denied", 50: "decode_error",
+    51: "decrypt_error", 70: "protocol_version", 71: "insufficient_security", 80: "internal_error",
+    86: "inappropriate_fallback", 90: "user_canceled", 100: "no_renegotiation",
+    109: "missing_extension", 110: "unsupported_extension", 112: "unrecognized_name",
+    113: "bad_certificate_status_response", 115: "unknown_psk_identity",
+    116: "certificate_required", 120: "no_application_protocol",
+}
+_ALERT_RECORD: Final = 21  # TLS record content type of a plaintext alert
+
 
 class State(enum.Enum):
     HANDSHAKING = "handshaking"
@@ -405,7 +420,36 @@ class TLSEngine:
         cls = HandshakeError if was is State.HANDSHAKING else TLSError
         if isinstance(exc, SSL.SysCallError):
             return cls(f"TLS transport error: {reason}", reason=reason)
-        return cls(f"TLS error: {reason}", reason=reason)
+        alert = self._alert_sent()
+        sent = f" (sent alert {alert})" if alert else ""
+        # OpenSSL's reason only says "certificate verify failed"; the verify
+        # result says why.  It is checked only for that reason: with
+        # VERIFY_NONE a failed verification is recorded but not fatal, and
+        # must not be blamed for a later, unrelated error.
+        failure = verify_failure(self.ssl) if "certificate verify failed" in reason else None
+        if failure is not None:
+            code, text = failure
+            return CertificateVerifyError(f"certificate verify failed: {text}{sent}", verify_code=code,
+                                          verify_message=text, reason=reason, alert=alert)
+        return cls(f"TLS error: {reason}{sent}", reason=reason, alert=alert)
+
+    def _alert_sent(self) -> str | None:
+        """Name the alert OpenSSL left in the outgoing BIO, when it is readable.
+
+        Alerts before the keys are set (most handshake failures) and all of
+        TLS 1.2's before encryption are plaintext records; a TLS 1.3 alert
+        after the handshake is encrypted and cannot be named here.
+        """
+        if self._bio is None:
+            return None
+        pp = _ffi.new("char **")
+        n = int(_BIO_get_mem_data(self._bio, pp))
+        if n < 7:
+            return None
+        head = bytes(_ffi.buffer(pp[0], 7))
+        if head[0] != _ALERT_RECORD:
+            return None
+        return ALERT_NAMES.get(head[6], f"alert {head[6]}")
 
     # -- introspection ---------------------------------------------------
 
