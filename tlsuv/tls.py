@@ -72,7 +72,8 @@ from typing import Final
 
 from OpenSSL import SSL
 
-from .errors import HandshakeError, TLSError, TruncationError
+from ._openssl import verify_failure
+from .errors import CertificateVerifyError, HandshakeError, TLSError, TruncationError
 
 try:  # pyOpenSSL's private cffi binding: the only way to ask a memory BIO its size.
     from OpenSSL._util import ffi as _ffi
@@ -167,6 +168,7 @@ class TLSEngine:
         "_deferred_bytes",
         "bytes_received",
         "bytes_sent",
+        "read_after_shutdown",
         "server_side",
         "ssl",
         "state",
@@ -199,6 +201,9 @@ class TLSEngine:
         self._bio = getattr(self.ssl, "_from_ssl", None) if _BIO_get_mem_data else None
         self.bytes_received = 0  # plaintext delivered to the owner
         self.bytes_sent = 0  # plaintext accepted by OpenSSL
+        # A half-close (Connection.write_eof): after our close_notify the peer's
+        # data is still wanted, up to its own close_notify (RFC 8446 section 6.1).
+        self.read_after_shutdown = False
 
     # -- state -----------------------------------------------------------
 
@@ -214,7 +219,10 @@ class TLSEngine:
 
     @property
     def can_write(self) -> bool:
-        return self.state is State.HANDSHAKING or self.state is State.ESTABLISHED
+        # PEER_CLOSED too: the peer's close_notify only ends its direction, and
+        # a handler answering the last bytes before it must be able to.
+        state = self.state
+        return state is State.ESTABLISHED or state is State.HANDSHAKING or state is State.PEER_CLOSED
 
     @property
     def deferred_bytes(self) -> int:
@@ -265,7 +273,7 @@ class TLSEngine:
             raise self._fail(exc) from exc
         if state is State.HANDSHAKING:
             self._check_handshake()
-        if self.state is State.SHUTDOWN_SENT and chunks:
+        if self.state is State.SHUTDOWN_SENT and chunks and not self.read_after_shutdown:
             # Application data after our close_notify is legal (the peer had
             # not seen it yet); drain it so it cannot fill memory, drop it.
             chunks.clear()
