@@ -39,5 +39,18 @@ lint: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
+# The benchmark's own dependencies (uvloop, Twisted, matplotlib) stay out of
+# `make test`: a separate extra, installed on first `make bench` and again
+# whenever pyproject.toml changes.  BENCH_ARGS=--quick for a smoke run.
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet --find-links $(WHEELS) -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	PYTHONPATH=scripts $(PY) -m bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -11,17 +11,26 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Callable
 
 import pytest
 from clients import GREETING, RawTLSClient
+from conftest import Certs, Recorder, ServerThread, recv_exactly, server_thread
+from OpenSSL import SSL
 
 import tlsuv
-from conftest import Certs, Recorder, ServerThread, recv_exactly, server_thread
 
 
-def recorder_thread(certs: Certs, factory: object = None, **kwargs: object) -> ServerThread:
-    return ServerThread(certs.server_context(), factory=factory or (lambda c: Recorder(echo=True, greeting=GREETING)),
-                        **kwargs)  # type: ignore[arg-type]
+def recorder_thread(
+    certs: Certs,
+    factory: Callable[[tlsuv.Connection], tlsuv.Handler] | None = None,
+    options: tlsuv.ConnectionOptions | None = None,
+) -> ServerThread:
+    return ServerThread(
+        certs.server_context(),
+        factory=factory or (lambda c: Recorder(echo=True, greeting=GREETING)),
+        options=options or tlsuv.ConnectionOptions(),
+    )
 
 
 def only_handler(st: ServerThread) -> Recorder:
@@ -127,7 +136,10 @@ def test_close_timeout_when_peer_never_answers(certs: Certs) -> None:
             conn.close()
 
     options = tlsuv.ConnectionOptions(close_timeout=0.3)
-    with recorder_thread(certs, factory=lambda c: CloseAfterGreeting(greeting=GREETING), options=options) as st:
+    def factory(conn: tlsuv.Connection) -> tlsuv.Handler:
+        return CloseAfterGreeting(greeting=GREETING)
+
+    with recorder_thread(certs, factory=factory, options=options) as st:
         client = RawTLSClient(st.port, certs.client_pyopenssl_context())
         client.handshake()
         # The client keeps its socket open and never sends close_notify back.
@@ -219,7 +231,7 @@ def test_peer_stalling_mid_handshake_hits_the_timeout(certs: Certs) -> None:
         client = RawTLSClient(st.port, certs.client_pyopenssl_context())
         try:
             client.ssl.do_handshake()
-        except tlsuv.tls.SSL.WantReadError:
+        except SSL.WantReadError:
             client._flush()  # the ClientHello goes out; then nothing more
         # Read the server's flight as raw bytes, never answering it, until EOF.
         while client.sock.recv(65536):
@@ -231,13 +243,12 @@ def test_peer_stalling_mid_handshake_hits_the_timeout(certs: Certs) -> None:
 
 def test_handshake_timer_is_cancelled_once_established(certs: Certs) -> None:
     options = tlsuv.ConnectionOptions(handshake_timeout=0.2)
-    with recorder_thread(certs, options=options) as st:
-        with st.connect(certs) as s:
-            assert recv_exactly(s, 4) == GREETING
-            time.sleep(0.5)
-            s.sendall(b"alive")
-            assert recv_exactly(s, 5) == b"alive"
-            assert st.open_handles().get("Timer", 0) == 0, "no timer may outlive its step"
+    with recorder_thread(certs, options=options) as st, st.connect(certs) as s:
+        assert recv_exactly(s, 4) == GREETING
+        time.sleep(0.5)
+        s.sendall(b"alive")
+        assert recv_exactly(s, 5) == b"alive"
+        assert st.open_handles().get("Timer", 0) == 0, "no timer may outlive its step"
 
 
 def test_idle_timeout(certs: Certs) -> None:
@@ -261,6 +272,9 @@ def test_idle_timeout(certs: Certs) -> None:
 
 def test_pause_and_resume_writing_around_the_water_marks(certs: Certs) -> None:
     class Producer(Recorder):
+        sent = 0
+        max_buffered = 0
+
         def handshake_complete(self, conn: tlsuv.Connection) -> None:
             self.max_buffered = 0
             self.produce(conn)
@@ -281,7 +295,6 @@ def test_pause_and_resume_writing_around_the_water_marks(certs: Certs) -> None:
 
     def factory(conn: tlsuv.Connection) -> tlsuv.Handler:
         p = Producer()
-        p.sent = 0
         handlers.append(p)
         return p
 

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import pyuv
 from OpenSSL import SSL
 
+from . import _openssl
 from .errors import (
     ConnectionClosedError,
     HandlerError,
@@ -58,6 +59,8 @@ from .tls import State, TLSEngine
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from cryptography import x509
 
     from .handler import Handler, HandlerFactory
     from .pending import PendingList
@@ -249,6 +252,36 @@ class Connection:
     def renegotiations(self) -> int:
         return self._tls.renegotiations
 
+    # Negotiated parameters (tlsuv.policy / tlsuv.client); None until the handshake says.
+
+    @property
+    def alpn_protocol(self) -> str | None:
+        """The protocol ALPN settled on (e.g. ``"h2"``), or None when none was negotiated."""
+        proto = self._tls.ssl.get_alpn_proto_negotiated()
+        return proto.decode("ascii", "replace") if proto else None
+
+    @property
+    def server_name(self) -> str | None:
+        """The SNI host name: the one the client sent (server side) or that we sent (client)."""
+        name = self._tls.ssl.get_servername()
+        return name.decode("ascii", "replace") if name else None
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The peer's certificate: the server's, or a client certificate if one was sent."""
+        return self._tls.ssl.get_peer_certificate(as_cryptography=True)
+
+    @property
+    def peer_subject(self) -> str | None:
+        """The peer certificate's subject as an RFC 4514 string (``CN=alice,O=Example``)."""
+        cert = self.peer_certificate
+        return cert.subject.rfc4514_string() if cert is not None else None
+
+    @property
+    def session_reused(self) -> bool:
+        """The handshake resumed an earlier TLS session instead of a full key exchange."""
+        return _openssl.session_reused(self._tls.ssl)
+
     @property
     def buffered(self) -> int:
         """Bytes queued for the peer: deferred plaintext, unflushed TLS output, libuv's queue."""
@@ -295,6 +328,18 @@ class Connection:
         if self._options.close_timeout is not None:
             self._arm_timer("close", self._options.close_timeout)
         self._pending.add(self)
+
+    def write_eof(self) -> None:
+        """Half-close: like :meth:`close`, but keep delivering what the peer still sends.
+
+        close_notify goes out after everything written; ``read`` keeps being
+        called until the peer's close_notify (then ``closed(None)``), its EOF,
+        or the close timeout.  TLS 1.3 defines close_notify as closing only
+        the sender's direction; a TLS 1.2 peer may discard what it had not
+        sent yet.  Used by ``python -m tlsuv.client`` at the end of stdin.
+        """
+        self._tls.read_after_shutdown = True
+        self.close()
 
     def abort(self, reason: BaseException | None = None) -> None:
         """Close at once, dropping anything unsent.  Idempotent."""

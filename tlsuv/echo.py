@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import pyuv
 
-from . import _cli
-from .certs import CertificateError, load_bundle, self_signed, server_context
+from . import _cli, policy, workers
+from .certs import CertificateError, load_bundle, self_signed
 from .connection import Connection, ConnectionOptions
 from .handler import Handler
 from .server import Server, ServerError
@@ -68,6 +68,8 @@ def build_parser() -> _cli.ArgumentParser:
     p.add_argument("--grace", type=_cli.positive_float, default=5.0, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, wait this long for connections to close (default 5)")
     p.add_argument("--log-level", choices=_cli.LOG_LEVELS, default="info")
+    policy.add_arguments(p)  # --alpn, --client-ca, --sni, --tls-min/max, --ciphers, --keylog...
+    workers.add_arguments(p)  # --workers, --stats-interval, --proxy-protocol, --proxy-from...
     return p
 
 
@@ -78,26 +80,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     _cli.setup_logging(args.log_level)
     try:
         bundle = load_bundle(args.cert, args.key) if args.cert is not None else self_signed()
-        context = server_context(bundle)
-    except CertificateError as exc:
+        context = policy.context_from_args(args, bundle)
+    except (CertificateError, policy.PolicyError) as exc:
         _cli.fail(f"python -m tlsuv.echo: error: {exc}")
     options = ConnectionOptions(
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
         close_timeout=args.close_timeout,
         allow_client_renegotiation=args.allow_client_renegotiation,
+        proxy=workers.proxy_options(args),
     )
+
+    def announce(host: str, port: int) -> None:
+        if args.cert is None:
+            print(f"self-signed certificate for localhost, 127.0.0.1, ::1; "
+                  f"SHA-256 fingerprint {bundle.fingerprint}", flush=True)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"tlsuv echo server listening on {shown}:{port}", flush=True)
+
+    if args.workers > 1:  # forks, so before this process makes any loop (tlsuv.workers)
+        return workers.run_cli(args, lambda lp: Server(
+            lp, context, echo_factory, options=options, max_connections=args.max_connections), announce)
     loop = pyuv.Loop()
     server = Server(loop, context, echo_factory, options=options, max_connections=args.max_connections)
     try:
         host, port = server.listen(args.host, args.port)
     except ServerError as exc:
         _cli.fail(f"python -m tlsuv.echo: error: {exc}")
-    if args.cert is None:
-        print(f"self-signed certificate for localhost, 127.0.0.1, ::1; "
-              f"SHA-256 fingerprint {bundle.fingerprint}", flush=True)
-    shown = f"[{host}]" if ":" in host else host
-    print(f"tlsuv echo server listening on {shown}:{port}", flush=True)
+    announce(host, port)
+    workers.log_stats_every(loop, server, args.stats_interval)
 
     signals: list[pyuv.Signal] = []
 

@@ -35,6 +35,21 @@ class HandshakeError(TLSError):
     """The TLS handshake failed or the peer went away before finishing it."""
 
 
+class CertificateVerifyError(HandshakeError):
+    """The peer's certificate did not verify: untrusted, expired, wrong host name...
+
+    ``verify_code`` is OpenSSL's ``X509_V_ERR_*`` number and ``verify_message``
+    its text (e.g. ``"hostname mismatch"``, ``"unable to get local issuer
+    certificate"``).
+    """
+
+    def __init__(self, message: str, *, verify_code: int, verify_message: str,
+                 reason: str | None = None, alert: str | None = None):
+        super().__init__(message, reason=reason, alert=alert)
+        self.verify_code = verify_code
+        self.verify_message = verify_message
+
+
 class TruncationError(TLSUVError):
     """The peer closed TCP without sending close_notify (RFC 8446 section 6.1).
 

@@ -253,7 +253,7 @@ class ProxyParser:
             # TLVs follow the addresses; where those end is only known for a
             # defined family (as HAProxy's own receiver does, UNSPEC and LOCAL
             # blocks are skipped whole).
-            pass
+            _check_tlvs(block[needed:])
         if command == _V2_PROXY and fam == 0x11:
             src, dst, sport, dport = struct.unpack_from("!4s4sHH", block)
             source = (str(ipaddress.IPv4Address(src)), sport)

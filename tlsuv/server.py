@@ -19,7 +19,7 @@ from typing import Final
 import pyuv
 from OpenSSL import SSL
 
-from .connection import Connection, ConnectionOptions, _fmt
+from .connection import Connection, ConnectionOptions, _address, _fmt
 from .errors import TLSUVError
 from .handler import HandlerFactory
 from .pending import PendingList
@@ -71,6 +71,9 @@ class Server:
         self.accepted = 0
         self.refused = 0
         self.handshakes_failed = 0
+        # Ciphertext bytes of connections that are gone; add the open ones' for a total.
+        self.ended_bytes_in = 0
+        self.ended_bytes_out = 0
 
     # -- listening -----------------------------------------------------------
 
@@ -144,6 +147,14 @@ class Server:
                      f"limit of {self.max_connections} connections reached")
             tcp.close()
             return
+        source = _address(tcp, "getpeername") if self.options.proxy is not None else None
+        if self.options.proxy is not None and not self.options.proxy.allows(source):
+            # Only trusted balancers may claim a client address (tlsuv.proxy).
+            self.refused += 1
+            log.warning("refusing connection from %s: not allowed to send a PROXY header",
+                        _fmt(source))
+            tcp.close()
+            return
         self.accepted += 1
         tcp.nodelay(True)  # TLS records are already batched per loop iteration
         conn = Connection(tcp, self.context, self.handler_factory, pending=self.pending,
@@ -154,6 +165,8 @@ class Server:
 
     def _connection_gone(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        self.ended_bytes_in += conn.bytes_in
+        self.ended_bytes_out += conn.bytes_out
         if conn.state.value == "handshaking" or (conn._reason is not None and not conn.established):
             self.handshakes_failed += 1
         if self._closing and not self.connections:

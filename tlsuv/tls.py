@@ -304,9 +304,11 @@ class TLSEngine:
         """
         if self.state in (State.PEER_CLOSED, State.CLOSED, State.FAILED):
             return
-        if self.state is State.SHUTDOWN_SENT:
+        if self.state is State.SHUTDOWN_SENT and not self.read_after_shutdown:
             self._set_state(State.CLOSED)
             return
+        # After a half-close we still wait for the peer's data: only its
+        # close_notify proves we have all of it.
         was = self.state
         self._set_state(State.FAILED)
         if was is State.HANDSHAKING:

@@ -1,0 +1,173 @@
+"""Turning measurements into figures, medians, the table and the sanity checks."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from .loadgen import Result
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    better: str  # "higher" or "lower": which way the ratio to uvloop is good
+    throughput: bool = False  # plain TCP must beat every TLS server on these
+
+
+METRICS: dict[str, Metric] = {m.key: m for m in (
+    Metric("msg_s", "messages/s", "higher", throughput=True),
+    Metric("mb_s", "MB/s echoed", "higher", throughput=True),
+    Metric("hs_s", "handshakes/s", "higher", throughput=True),
+    Metric("p50_us", "latency p50 µs", "lower"),
+    Metric("p99_us", "latency p99 µs", "lower"),
+    Metric("cpu_us_msg", "server CPU µs/message", "lower"),
+    Metric("cpu_ms_mb", "server CPU ms/MB", "lower"),
+    Metric("cpu_us_hs", "server CPU µs/handshake", "lower"),
+    Metric("kib_conn", "server KiB per idle conn", "lower"),
+    Metric("base_p50_us", "p50 µs without the idle", "lower"),
+    Metric("base_p99_us", "p99 µs without the idle", "lower"),
+    Metric("base_msg_s", "messages/s without the idle", "higher"),
+    Metric("idle_setup_s", "s to open the idle conns", "lower"),
+    Metric("srv_pct", "server CPU %", "lower"),
+    Metric("cli_pct", "load generator CPU %", "lower"),
+)}
+CPU_ROW = "cpu_pct"  # a pseudo-row: "server % / load generator %", no ratio
+
+
+def _per_s(n: float, res: Result) -> float:
+    return n / res.elapsed if res.elapsed > 0 else float("nan")
+
+
+def _cpu_per(res: Result, units: float, scale: float) -> float:
+    if res.server_cpu is None or units <= 0:
+        return float("nan")
+    return res.server_cpu / units * scale
+
+
+def _shares(res: Result, prefix: str = "") -> dict[str, float]:
+    out = {f"{prefix}cli_pct": 100 * res.client_cpu / res.elapsed if res.elapsed > 0 else float("nan")}
+    if res.server_cpu is not None and res.elapsed > 0:
+        out[f"{prefix}srv_pct"] = 100 * res.server_cpu / res.elapsed
+    return out
+
+
+def pingpong_figures(res: Result) -> dict[str, float]:
+    fig = {
+        "msg_s": _per_s(res.count, res),
+        "mb_s": _per_s(res.nbytes / 1e6, res),
+        "cpu_us_msg": _cpu_per(res, res.count, 1e6),
+        **_shares(res),
+    }
+    if res.p50_us is not None and res.p99_us is not None:
+        fig["p50_us"] = res.p50_us
+        fig["p99_us"] = res.p99_us
+    return fig
+
+
+def stream_figures(res: Result) -> dict[str, float]:
+    return {"mb_s": _per_s(res.nbytes / 1e6, res), "cpu_ms_mb": _cpu_per(res, res.nbytes / 1e6, 1e3),
+            **_shares(res)}
+
+
+def handshake_figures(res: Result) -> dict[str, float]:
+    return {"hs_s": _per_s(res.count, res), "cpu_us_hs": _cpu_per(res, res.count, 1e6), **_shares(res)}
+
+
+def medians(runs: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Per figure, the median over the repetitions that have it (and are numbers)."""
+    values: dict[str, list[float]] = {}
+    for run in runs:
+        for k, v in run.items():
+            if not math.isnan(v):
+                values.setdefault(k, []).append(v)
+    return {k: statistics.median(v) for k, v in values.items()}
+
+
+def fmt(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    a = abs(value)
+    if a >= 100:
+        return f"{value:,.0f}"
+    if a >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def cell(key: str, figures: Mapping[str, float], baseline: Mapping[str, float] | None) -> str:
+    if key == CPU_ROW:
+        srv, cli = figures.get("srv_pct"), figures.get("cli_pct")
+        if srv is None and cli is None:
+            return "-"
+        return f"{fmt(srv)} / {fmt(cli)}"
+    value = figures.get(key)
+    if value is None:
+        return "-"
+    text = fmt(value)
+    base = baseline.get(key) if baseline is not None else None
+    if base is not None and base > 0:
+        text += f" ({value / base:.2f}x)"
+    return text
+
+
+def row_label(key: str) -> str:
+    if key == CPU_ROW:
+        return "CPU % server / load gen"
+    m = METRICS[key]
+    return f"{m.label} {'↑' if m.better == 'higher' else '↓'}"
+
+
+def markdown_table(
+    scenarios: Sequence[tuple[str, str, Sequence[str]]],  # (key, title, row keys)
+    servers: Sequence[tuple[str, str]],  # (key, label)
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]],  # scenario -> server -> figures
+    baseline: str,
+) -> str:
+    head = ["scenario", "figure", *(label for _, label in servers)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for skey, title, rows in scenarios:
+        per_server = summary.get(skey, {})
+        base = per_server.get(baseline)
+        for i, key in enumerate(rows):
+            cells = [title if i == 0 else "", row_label(key)]
+            for server, _ in servers:
+                figures = per_server.get(server)
+                cells.append(cell(key, figures, None if server == baseline else base)
+                             if figures is not None else "error")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ceiling_checks(
+    scenarios: Sequence[tuple[str, str, Sequence[str]]],
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]],
+    plain: str,
+    tls_servers: Sequence[str],
+) -> tuple[list[str], bool]:
+    """Plain TCP against the best TLS server on every throughput figure.
+
+    The load generator drives all of them; if it can push plain TCP further
+    than any TLS server, it was not what limited the TLS servers.
+    """
+    lines: list[str] = []
+    ok = True
+    for skey, title, rows in scenarios:
+        per_server = summary.get(skey, {})
+        for key in rows:
+            if key == CPU_ROW or not METRICS[key].throughput:
+                continue
+            p = per_server.get(plain, {}).get(key)
+            best = max(((per_server.get(s, {}).get(key), s) for s in tls_servers
+                        if per_server.get(s, {}).get(key) is not None),
+                       default=(None, ""), key=lambda t: t[0] or 0.0)
+            if p is None or best[0] is None:
+                continue
+            good = p > best[0]
+            ok = ok and good
+            lines.append(f"{'ok ' if good else 'NO '} {title}, {METRICS[key].label}: plain TCP {fmt(p)} vs "
+                         f"best TLS ({best[1]}) {fmt(best[0])} = {p / best[0]:.2f}x")
+    return lines, ok

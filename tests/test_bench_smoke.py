@@ -1,0 +1,82 @@
+"""The benchmark's load generator against the tlsuv echo server: bytes verified, not timings.
+
+``make bench`` trusts the load generator to check every echoed byte; these
+runs are short and bounded by message counts (the durations given are only
+upper bounds), and one of them proves that a corrupted echo is caught.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import Certs, server_thread
+
+import tlsuv
+from tlsuv.echo import EchoHandler
+
+# The load generator lives in scripts/bench, which is not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench import loadgen
+
+UPPER_BOUND = 20.0  # seconds; each run stops long before, at its count
+
+
+def target(port: int, certs: Certs) -> loadgen.Target:
+    # No OPENSSL_CONF here, so the cipher is whatever the defaults pick.
+    return loadgen.Target("127.0.0.1", port, cafile=str(certs.ca_file), expect_cipher=None)
+
+
+def test_pingpong_verifies_every_echoed_byte(certs: Certs) -> None:
+    with server_thread(certs.server_context()) as st:
+        small = loadgen.run_pingpong(target(st.port, certs), conns=4, size=64, warmup=0.0,
+                                     duration=UPPER_BOUND, max_messages=400)
+        large = loadgen.run_pingpong(target(st.port, certs), conns=2, size=16384, warmup=0.0,
+                                     duration=UPPER_BOUND, max_messages=50)
+    assert small.count >= 400
+    assert small.verified_bytes == small.nbytes >= 400 * 64
+    assert small.p50_us is not None and small.p99_us is not None
+    assert small.tls_version == "TLSv1.3"
+    assert large.verified_bytes >= 50 * 16384
+
+
+def test_stream_verifies_every_echoed_byte(certs: Certs) -> None:
+    with server_thread(certs.server_context()) as st:
+        result = loadgen.run_stream(target(st.port, certs), conns=2, chunk=65536, warmup=0.0,
+                                    duration=UPPER_BOUND, max_bytes=4 << 20)
+    assert result.verified_bytes >= 4 << 20
+
+
+def test_handshakes_are_full_and_greeted(certs: Certs) -> None:
+    with server_thread(certs.server_context()) as st:
+        result = loadgen.run_handshakes(target(st.port, certs), concurrency=4, warmup=0.0,
+                                        duration=UPPER_BOUND, max_handshakes=20)
+    assert result.count >= 20
+    assert result.verified_bytes >= 20 * len(loadgen.GREETING)
+
+
+class Corrupting(EchoHandler):
+    """Echoes with the first byte of every chunk flipped."""
+
+    __slots__ = ()
+
+    def read(self, conn: tlsuv.Connection, data: bytes) -> None:
+        conn.write(bytes([data[0] ^ 0x01]) + data[1:])
+
+
+def test_a_corrupted_echo_is_caught(certs: Certs) -> None:
+    with server_thread(certs.server_context(), factory=lambda conn: Corrupting()) as st:
+        with pytest.raises(loadgen.VerificationError, match="message"):
+            loadgen.run_pingpong(target(st.port, certs), conns=1, size=64, warmup=0.0,
+                                 duration=UPPER_BOUND, max_messages=10)
+        with pytest.raises(loadgen.VerificationError, match="stream offset"):
+            loadgen.run_stream(target(st.port, certs), conns=1, chunk=65536, warmup=0.0,
+                               duration=UPPER_BOUND, max_bytes=1 << 20)
+
+
+def test_an_unexpected_cipher_is_caught(certs: Certs) -> None:
+    with server_thread(certs.server_context()) as st:
+        bad = loadgen.Target("127.0.0.1", st.port, cafile=str(certs.ca_file), expect_cipher="TLS_NONE")
+        with pytest.raises(loadgen.VerificationError, match="negotiated"):
+            loadgen.run_handshakes(bad, concurrency=1, warmup=0.0, duration=UPPER_BOUND, max_handshakes=1)

@@ -1,0 +1,95 @@
+"""The few OpenSSL calls tlsuv needs that pyOpenSSL does not expose publicly.
+
+pyOpenSSL 26 has no API for host-name checking during the handshake, for the
+reason a certificate failed verification, or for "was this session resumed".
+OpenSSL has all three, and pyOpenSSL's cffi binding (``OpenSSL._util.lib``)
+carries them.  That binding is private, so every use is funnelled through
+this module: each function checks that the symbol exists, and
+:data:`HAVE_HOST_CHECK` tells callers whether host names can be checked at
+all (the client refuses to verify without it rather than skip the check).
+
+Why OpenSSL's own host-name check rather than comparing names ourselves after
+the handshake: OpenSSL checks during certificate verification, so a mismatch
+fails the handshake with the standard ``bad_certificate`` alert before any
+application data flows, and it implements RFC 6125 wildcard rules for us.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Final
+
+from OpenSSL import SSL
+
+try:
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+except ImportError:  # pragma: no cover - depends on pyOpenSSL internals
+    _ffi = None
+    _lib = None
+
+
+def _has(*names: str) -> bool:
+    return _lib is not None and all(hasattr(_lib, n) for n in names)
+
+
+HAVE_HOST_CHECK: Final = _has(
+    "SSL_get0_param", "X509_VERIFY_PARAM_set1_host", "X509_VERIFY_PARAM_set1_ip",
+    "X509_VERIFY_PARAM_set_hostflags", "X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS")
+_HAVE_VERIFY_RESULT: Final = _has("SSL_get_verify_result", "X509_verify_cert_error_string")
+_HAVE_SESSION_REUSED: Final = _has("SSL_session_reused")
+
+# X509_V_OK from x509_vfy.h: verification succeeded (or has not run yet).
+X509_V_OK: Final = 0
+
+
+def _ssl_ptr(conn: SSL.Connection) -> Any:
+    return conn._ssl
+
+
+def is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def expect_peer_name(conn: SSL.Connection, name: str) -> None:
+    """Make OpenSSL's certificate verification also require ``name`` (a DNS name or an IP).
+
+    Only has an effect when the context verifies the peer (``VERIFY_PEER``).
+    Partial wildcards such as ``w*.example.com`` are refused, as Python's
+    ``ssl`` does.
+    """
+    if not HAVE_HOST_CHECK:
+        raise RuntimeError("this pyOpenSSL build cannot check host names (X509_VERIFY_PARAM_set1_host)")
+    param = _lib.SSL_get0_param(_ssl_ptr(conn))
+    try:
+        packed = ipaddress.ip_address(name).packed
+    except ValueError:
+        raw = name.encode("idna")
+        ok = _lib.X509_VERIFY_PARAM_set1_host(param, raw, len(raw))
+        _lib.X509_VERIFY_PARAM_set_hostflags(param, _lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS)
+    else:
+        ok = _lib.X509_VERIFY_PARAM_set1_ip(param, packed, len(packed))
+    if ok != 1:
+        raise ValueError(f"OpenSSL refused {name!r} as the name to verify")
+
+
+def verify_failure(conn: SSL.Connection) -> tuple[int, str] | None:
+    """Why the peer's certificate failed verification: ``(X509_V_ERR code, text)``, or None."""
+    if not _HAVE_VERIFY_RESULT:
+        return None
+    code = int(_lib.SSL_get_verify_result(_ssl_ptr(conn)))
+    if code == X509_V_OK:
+        return None
+    text = _ffi.string(_lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
+    return code, text
+
+
+def session_reused(conn: SSL.Connection) -> bool:
+    """The handshake resumed an earlier session (TLS 1.2 session ID or ticket, TLS 1.3 PSK)."""
+    if not _HAVE_SESSION_REUSED:
+        return False
+    return bool(_lib.SSL_session_reused(_ssl_ptr(conn)))

@@ -1,0 +1,455 @@
+"""TLS policy: turn plain options into a ready :class:`OpenSSL.SSL.Context`.
+
+:class:`~tlsuv.Server` takes a Context and does not care how it was made;
+this module makes one from a :class:`ServerPolicy` (and the client's from
+:func:`build_client_context`), so that SNI, ALPN, client certificates,
+session resumption, protocol versions, ciphers and a key-log file are one
+dataclass away -- and one flag away on ``python -m tlsuv.echo``
+(:func:`add_arguments`, :func:`context_from_args`).
+
+Design points
+=============
+
+* **Every Context is built completely up front.**  pyOpenSSL refuses to
+  change a Context once a Connection was made from it, so SNI cannot load a
+  certificate on demand: :func:`build_server_context` builds one Context per
+  name, each with the *same* settings (ALPN, verification, session id
+  context, key log...) and its own certificate, and the default Context's
+  servername callback switches a connection to the matching one.  OpenSSL
+  reads the ALPN and key-log callbacks from whichever Context the connection
+  has at that moment, which is why all of them carry the same callbacks.
+
+* **ALPN with no protocol in common fails the handshake** with the
+  ``no_application_protocol`` alert, as RFC 7301 section 3.2 requires.  A
+  client that offers no ALPN at all is served without it.
+
+* **Client certificates** are verified against ``client_ca``; "optional"
+  means a client may send none, but one that is sent must verify.  The
+  names of the CA file's certificates are sent in the CertificateRequest so
+  clients can pick the right certificate.
+
+* **Resumption** works out of the box: OpenSSL's server session cache (TLS
+  1.2 session IDs, TLS 1.3 stateful tickets) and session tickets (TLS 1.2
+  RFC 5077, TLS 1.3 stateless tickets) are on, and the session id context
+  is set -- without it OpenSSL refuses to resume any session once client
+  certificates are verified.  Ticket keys are random per Context, so
+  sessions resume only on the process that issued them.
+
+* **Errors are one sentence** (:class:`PolicyError`, or
+  :class:`~tlsuv.certs.CertificateError` for files), which the CLIs print as
+  their single line of stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from OpenSSL import SSL
+
+from .certs import CertificateBundle, CertificateError, load_bundle, new_context, self_signed, server_context
+from .errors import TLSUVError
+
+log = logging.getLogger("tlsuv")
+
+# The versions a policy may name.  TLS 1.0 and 1.1 are deprecated (RFC 8996)
+# and new_context() refuses them already.
+VERSIONS: Final[dict[str, int]] = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+# SSL_CTX_set_session_id_context: sessions are only resumed by a Context with
+# the same value.  The value is arbitrary but must be set (see the module
+# docstring); it is at most SSL_MAX_SID_CTX_LENGTH (32) bytes.
+SESSION_ID_CONTEXT: Final = b"tlsuv"
+
+# RFC 7301 section 3.1: a protocol name is 1 to 255 bytes.
+MAX_ALPN_LENGTH: Final = 255
+
+# SSLKEYLOGFILE holds the secrets that decrypt every logged session: readable
+# by its owner only.
+KEYLOG_MODE: Final = 0o600
+
+
+class PolicyError(TLSUVError):
+    """An option does not make a usable TLS configuration (bad cipher list, versions...)."""
+
+
+class NoApplicationProtocol(SSL.Error):
+    """ALPN found no protocol in common (RFC 7301 section 3.2).
+
+    A subclass of :class:`OpenSSL.SSL.Error` on purpose: pyOpenSSL re-raises
+    what the ALPN callback raised from the ``recv`` that drove the handshake,
+    and the TLS engine turns every ``SSL.Error`` into a ``HandshakeError``.
+    Raising makes pyOpenSSL return ``SSL_TLSEXT_ERR_ALERT_FATAL``, so OpenSSL
+    sends ``no_application_protocol``; returning ``NO_OVERLAPPING_PROTOCOLS``
+    would continue without ALPN instead.
+    """
+
+
+@dataclass(frozen=True)
+class ServerPolicy:
+    """What a server's TLS should look like.  Every field has a safe default."""
+
+    # The default certificate; None makes a throw-away self-signed one for localhost.
+    certificate: CertificateBundle | None = None
+    # SNI: host name (or "*.example.com") -> certificate; other names get the default.
+    sni: Mapping[str, CertificateBundle] = field(default_factory=dict)
+    # ALPN protocols in the server's order of preference, e.g. ("h2", "http/1.1").
+    alpn: Sequence[str] = ()
+    # Request client certificates and verify them against this PEM CA file.
+    client_ca: str | Path | None = None
+    # Refuse clients that send no certificate (needs client_ca).
+    require_client_cert: bool = False
+    min_version: str = "1.2"
+    max_version: str | None = None
+    # OpenSSL cipher string for TLS 1.2 ("ECDHE+AESGCM:ECDHE+CHACHA20").
+    ciphers: str | None = None
+    # TLS 1.3 suites, colon-separated ("TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256").
+    ciphersuites: str | None = None
+    # Append TLS secrets here in NSS SSLKEYLOGFILE format (Wireshark).
+    keylog: str | Path | None = None
+    session_tickets: bool = True
+    session_cache: bool = True
+    # Seconds a session stays resumable; None keeps OpenSSL's default (300).
+    session_timeout: int | None = None
+
+
+# -- validation shared by both sides -------------------------------------------
+
+
+def parse_version(text: str | None, what: str = "TLS version") -> int | None:
+    if text is None:
+        return None
+    try:
+        return VERSIONS[text]
+    except KeyError:
+        raise PolicyError(f"{what} must be one of {', '.join(VERSIONS)}, not {text!r}") from None
+
+
+def parse_alpn(protocols: Sequence[str] | str) -> tuple[str, ...]:
+    """Validate ALPN names: a list, or one comma-separated string."""
+    items = protocols.split(",") if isinstance(protocols, str) else list(protocols)
+    out: list[str] = []
+    for raw in items:
+        name = raw.strip()
+        try:
+            encoded = name.encode("ascii")
+        except UnicodeEncodeError:
+            raise PolicyError(f"ALPN protocol names are ASCII: {name!r}") from None
+        if not 1 <= len(encoded) <= MAX_ALPN_LENGTH:
+            raise PolicyError(f"ALPN protocol names are 1-{MAX_ALPN_LENGTH} bytes: {name!r}")
+        out.append(name)
+    if not out:
+        raise PolicyError("ALPN needs at least one protocol")
+    return tuple(out)
+
+
+def normalize_server_name(name: str) -> str:
+    """Lower case, no trailing dot: how SNI names are compared (RFC 6066 section 3)."""
+    return name.strip().rstrip(".").lower()
+
+
+def _check_sni_name(name: str) -> str:
+    norm = normalize_server_name(name)
+    labels = norm[2:].split(".") if norm.startswith("*.") else norm.split(".")
+    if not norm or "*" in ".".join(labels) or not all(labels):
+        raise PolicyError(f"not a host name for SNI: {name!r} (use e.g. example.com or *.example.com)")
+    try:
+        norm.encode("idna" if not norm.startswith("*.") else "ascii")
+    except UnicodeError:
+        raise PolicyError(f"not a host name for SNI: {name!r}") from None
+    return norm
+
+
+def _read_ca_file(path: str | Path, what: str) -> list[x509.Certificate]:
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CertificateError(f"{what} file not found: {path}") from None
+    except IsADirectoryError:
+        raise CertificateError(f"{what} file is a directory: {path}") from None
+    except OSError as exc:
+        raise CertificateError(f"cannot read {what} file {path}: {exc.strerror}") from exc
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise CertificateError(f"{what} file holds no valid PEM certificate: {path}") from None
+
+
+def _apply_versions(ctx: SSL.Context, min_version: str | None, max_version: str | None) -> None:
+    lo = parse_version(min_version, "minimum TLS version")
+    hi = parse_version(max_version, "maximum TLS version")
+    if lo is not None and hi is not None and lo > hi:
+        raise PolicyError(f"minimum TLS version {min_version} is above the maximum {max_version}")
+    if lo is not None:
+        ctx.set_min_proto_version(lo)
+    if hi is not None:
+        ctx.set_max_proto_version(hi)
+
+
+def _apply_ciphers(ctx: SSL.Context, ciphers: str | None, ciphersuites: str | None) -> None:
+    if ciphers is not None:
+        try:
+            ctx.set_cipher_list(ciphers.encode("ascii"))
+        except (SSL.Error, UnicodeEncodeError) as exc:
+            raise PolicyError(f"no usable TLS 1.2 cipher in {ciphers!r}") from exc
+    if ciphersuites is not None:
+        names = [n for n in ciphersuites.split(":") if n]
+        if not names:
+            raise PolicyError("TLS 1.3 ciphersuites cannot be empty (to turn TLS 1.3 off, set the "
+                              "maximum version to 1.2)")
+        # OpenSSL silently drops unknown names from a list; a typo must not
+        # quietly narrow the list, so each name is checked on its own.
+        probe = SSL.Context(SSL.TLS_METHOD)
+        for name in names:
+            try:
+                probe.set_tls13_ciphersuites(name.encode("ascii"))
+            except (SSL.Error, UnicodeEncodeError) as exc:
+                raise PolicyError(f"unknown TLS 1.3 ciphersuite {name!r}") from exc
+        ctx.set_tls13_ciphersuites(":".join(names).encode("ascii"))
+
+
+class KeyLog:
+    """Appends TLS secrets to a file in NSS ``SSLKEYLOGFILE`` format, one line per secret.
+
+    Each line is one ``write`` on an ``O_APPEND`` descriptor, so several
+    processes (workers) can share the file without interleaving lines.
+    The descriptor is closed when the last Context using it is gone.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               KEYLOG_MODE)
+        except OSError as exc:
+            raise PolicyError(f"cannot open key-log file {path}: {exc.strerror}") from exc
+        self._failed = False
+        weakref.finalize(self, os.close, self._fd)
+
+    def __call__(self, conn: SSL.Connection, line: bytes) -> None:
+        try:
+            os.write(self._fd, line + b"\n")
+        except OSError as exc:  # a full disk must not break TLS; say so once
+            if not self._failed:
+                self._failed = True
+                log.warning("cannot write key-log file %s: %s", self.path, exc.strerror)
+
+    def install(self, ctx: SSL.Context) -> None:
+        ctx.set_keylog_callback(self)
+
+
+# -- server ------------------------------------------------------------------
+
+
+def _alpn_selector(preferred: tuple[str, ...]) -> Callable[[SSL.Connection, list[bytes]], bytes]:
+    ours = [p.encode("ascii") for p in preferred]
+
+    def select(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+        for proto in ours:
+            if proto in offered:
+                return proto
+        shown = ", ".join(p.decode("ascii", "replace") for p in offered)
+        raise NoApplicationProtocol([("tlsuv", "", f"no application protocol in common "
+                                      f"(client offered {shown})")])
+
+    return select
+
+
+def build_server_context(policy: ServerPolicy | None = None) -> SSL.Context:
+    """The server Context for ``policy`` (its default certificate; SNI contexts hang off it)."""
+    policy = policy or ServerPolicy()
+    if policy.require_client_cert and policy.client_ca is None:
+        raise PolicyError("requiring client certificates needs a client CA file")
+    alpn = parse_alpn(policy.alpn) if policy.alpn else ()
+    if policy.client_ca is not None:
+        _read_ca_file(policy.client_ca, "client CA")  # a clear error before OpenSSL's
+    if policy.session_timeout is not None and policy.session_timeout < 1:
+        raise PolicyError("session timeout must be at least 1 second")
+    sni = {_check_sni_name(name): bundle for name, bundle in policy.sni.items()}
+    keylog = KeyLog(policy.keylog) if policy.keylog is not None else None
+
+    def make(bundle: CertificateBundle) -> SSL.Context:
+        ctx = new_context()
+        _apply_versions(ctx, policy.min_version, policy.max_version)
+        _apply_ciphers(ctx, policy.ciphers, policy.ciphersuites)
+        ctx.set_session_id(SESSION_ID_CONTEXT)
+        if not policy.session_tickets:
+            ctx.set_options(SSL.OP_NO_TICKET)
+        if not policy.session_cache:
+            ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        if policy.session_timeout is not None:
+            ctx.set_timeout(policy.session_timeout)
+        if alpn:
+            ctx.set_alpn_select_callback(_alpn_selector(alpn))
+        if policy.client_ca is not None:
+            mode = SSL.VERIFY_PEER
+            if policy.require_client_cert:
+                mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+            ctx.set_verify(mode)
+            ctx.load_verify_locations(os.fsencode(policy.client_ca))
+            ctx.load_client_ca(os.fsencode(policy.client_ca))
+        if keylog is not None:
+            keylog.install(ctx)
+        return server_context(bundle, ctx)
+
+    default = make(policy.certificate or self_signed())
+    by_name: dict[str, SSL.Context] = {}
+    for name, bundle in sni.items():
+        try:
+            by_name[name] = make(bundle)
+        except CertificateError as exc:
+            raise CertificateError(f"SNI name {name}: {exc}") from exc
+    if by_name:
+        choose = _sni_chooser(by_name)
+        default.set_tlsext_servername_callback(choose)
+        for ctx in by_name.values():
+            # Also on the per-name Contexts: a TLS 1.2 renegotiation asks again.
+            ctx.set_tlsext_servername_callback(choose)
+    return default
+
+
+def _sni_chooser(by_name: Mapping[str, SSL.Context]) -> Callable[[SSL.Connection], None]:
+    def choose(conn: SSL.Connection) -> None:
+        raw = conn.get_servername()
+        if not raw:
+            return
+        name = normalize_server_name(raw.decode("ascii", "replace"))
+        ctx = by_name.get(name)
+        if ctx is None and "." in name:
+            ctx = by_name.get("*." + name.split(".", 1)[1])
+        if ctx is not None and ctx is not conn.get_context():
+            conn.set_context(ctx)
+
+    return choose
+
+
+# -- client ------------------------------------------------------------------
+
+
+def build_client_context(
+    *,
+    cafile: str | Path | None = None,
+    verify: bool = True,
+    cert: str | Path | None = None,
+    key: str | Path | None = None,
+    alpn: Sequence[str] | str | None = None,
+    min_version: str = "1.2",
+    max_version: str | None = None,
+    ciphers: str | None = None,
+    ciphersuites: str | None = None,
+    keylog: str | Path | None = None,
+) -> SSL.Context:
+    """A client Context: verification on (system CA store, or ``cafile``), optional client cert, ALPN.
+
+    The host name is checked per connection (:mod:`tlsuv.client`), not here.
+    """
+    if (cert is None) != (key is None):
+        raise PolicyError("a client certificate needs both a certificate and a key file")
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_options(SSL.OP_NO_COMPRESSION)
+    _apply_versions(ctx, min_version, max_version)
+    _apply_ciphers(ctx, ciphers, ciphersuites)
+    if verify:
+        ctx.set_verify(SSL.VERIFY_PEER)
+        if cafile is not None:
+            _read_ca_file(cafile, "CA")
+            ctx.load_verify_locations(os.fsencode(cafile))
+        else:
+            ctx.set_default_verify_paths()
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE)
+    if cert is not None and key is not None:
+        server_context(load_bundle(cert, key), ctx)
+    if alpn:
+        ctx.set_alpn_protos([p.encode("ascii") for p in parse_alpn(alpn)])
+    if keylog is not None:
+        KeyLog(keylog).install(ctx)
+    return ctx
+
+
+# -- command line ----------------------------------------------------------------
+
+
+def _alpn_arg(text: str) -> tuple[str, ...]:
+    try:
+        return parse_alpn(text)
+    except PolicyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _sni_arg(text: str) -> tuple[str, str, str]:
+    parts = text.split(":", 2)
+    if len(parts) != 3 or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected NAME:CERT:KEY, got {text!r}")
+    try:
+        name = _check_sni_name(parts[0])
+    except PolicyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name, parts[1], parts[2]
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, server: bool = True) -> None:
+    """Add the TLS policy flags (server side: all of them; client side: versions, ciphers, key log)."""
+    if server:
+        parser.add_argument("--alpn", type=_alpn_arg, metavar="PROTO[,PROTO...]",
+                            help="ALPN protocols, most preferred first; a client offering none of "
+                                 "them is refused")
+        parser.add_argument("--client-ca", metavar="FILE",
+                            help="request client certificates and verify them against this PEM CA file")
+        parser.add_argument("--require-client-cert", action="store_true",
+                            help="refuse clients without a certificate (needs --client-ca)")
+        parser.add_argument("--sni", type=_sni_arg, action="append", default=[],
+                            metavar="NAME:CERT:KEY",
+                            help="serve this certificate to clients asking for NAME (repeatable; "
+                                 "*.example.com matches one label); others get --cert")
+        parser.add_argument("--no-session-tickets", action="store_true",
+                            help="no session tickets (TLS 1.2 resumes by session ID instead)")
+    parser.add_argument("--tls-min", choices=list(VERSIONS), default="1.2",
+                        help="lowest TLS version accepted (default 1.2)")
+    parser.add_argument("--tls-max", choices=list(VERSIONS), default=None,
+                        help="highest TLS version offered (default: the newest)")
+    parser.add_argument("--ciphers", metavar="LIST",
+                        help="OpenSSL cipher string for TLS 1.2, e.g. ECDHE+AESGCM")
+    parser.add_argument("--ciphersuites", metavar="LIST",
+                        help="TLS 1.3 ciphersuites, colon-separated, e.g. TLS_AES_256_GCM_SHA384")
+    parser.add_argument("--keylog", metavar="FILE",
+                        help="append TLS secrets to FILE (SSLKEYLOGFILE format, for Wireshark)")
+
+
+def policy_from_args(args: argparse.Namespace, certificate: CertificateBundle | None) -> ServerPolicy:
+    """The :class:`ServerPolicy` for flags added by :func:`add_arguments` (loads the SNI files)."""
+    if args.require_client_cert and args.client_ca is None:
+        raise PolicyError("--require-client-cert needs --client-ca")
+    sni: dict[str, CertificateBundle] = {}
+    for name, cert_file, key_file in args.sni:
+        if name in sni:
+            raise PolicyError(f"--sni names {name} twice")
+        try:
+            sni[name] = load_bundle(cert_file, key_file)
+        except CertificateError as exc:
+            raise CertificateError(f"--sni {name}: {exc}") from exc
+    return ServerPolicy(
+        certificate=certificate,
+        sni=sni,
+        alpn=args.alpn or (),
+        client_ca=args.client_ca,
+        require_client_cert=args.require_client_cert,
+        min_version=args.tls_min,
+        max_version=args.tls_max,
+        ciphers=args.ciphers,
+        ciphersuites=args.ciphersuites,
+        keylog=args.keylog,
+        session_tickets=not args.no_session_tickets,
+    )
+
+
+def context_from_args(args: argparse.Namespace, certificate: CertificateBundle | None) -> SSL.Context:
+    """Flags to a server Context.  Raises :class:`PolicyError` or ``CertificateError`` (one line each)."""
+    return build_server_context(policy_from_args(args, certificate))
