@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,11 @@ from OpenSSL import SSL
 
 import tlsuv
 from tlsuv.echo import echo_factory
+
+# scripts/ holds the benchmark and soak code, which some tests drive in short form.
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
 
 
 class CheckedLoop(pyuv.Loop):  # type: ignore[misc]  # pyuv ships no type information
@@ -272,3 +278,48 @@ def recv_exactly(sock: socket.socket | ssl.SSLSocket, n: int) -> bytes:
 def server_thread(context: SSL.Context, **kwargs: Any) -> Iterator[ServerThread]:
     with ServerThread(context, **kwargs) as st:
         yield st
+
+
+# -- TLS feature fixtures (SNI, client certificates; tests/test_policy.py, test_client.py) --
+
+
+@dataclass
+class TLSFiles:
+    """Certificates beyond ``certs``: SNI names, and client certificates from their own CA."""
+
+    dir: Path
+    sni: dict[str, tuple[Path, Path]]  # name -> (cert, key), issued by certs.ca
+    client_ca_file: Path
+    client_cert: Path  # CN=alice, issued by the client CA
+    client_key: Path
+    rogue_cert: Path  # CN=mallory, issued by a CA nobody trusts
+    rogue_key: Path
+    other_ca_file: Path  # a CA that did not issue any server certificate
+
+    def bundle(self, name: str) -> tlsuv.CertificateBundle:
+        cert, key = self.sni[name]
+        return tlsuv.load_bundle(cert, key)
+
+
+@pytest.fixture(scope="session")
+def tls_files(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    d = tmp_path_factory.mktemp("tls-files")
+    sni: dict[str, tuple[Path, Path]] = {}
+    for name in ("alpha.test", "beta.test", "*.wild.test"):
+        leaf = certs.ca.issue_cert(name, common_name=name)
+        stem = name.replace("*", "star")
+        leaf.cert_chain_pems[0].write_to_path(str(d / f"{stem}.pem"))
+        leaf.private_key_pem.write_to_path(str(d / f"{stem}.key"))
+        sni[name] = (d / f"{stem}.pem", d / f"{stem}.key")
+    client_ca = trustme.CA(organization_name="tlsuv client CA")
+    client_ca.cert_pem.write_to_path(str(d / "client-ca.pem"))
+    alice = client_ca.issue_cert("alice@example.test", common_name="alice")
+    alice.cert_chain_pems[0].write_to_path(str(d / "alice.pem"))
+    alice.private_key_pem.write_to_path(str(d / "alice.key"))
+    rogue_ca = trustme.CA(organization_name="rogue CA")
+    rogue_ca.cert_pem.write_to_path(str(d / "rogue-ca.pem"))
+    mallory = rogue_ca.issue_cert("mallory@example.test", common_name="mallory")
+    mallory.cert_chain_pems[0].write_to_path(str(d / "mallory.pem"))
+    mallory.private_key_pem.write_to_path(str(d / "mallory.key"))
+    return TLSFiles(d, sni, d / "client-ca.pem", d / "alice.pem", d / "alice.key",
+                    d / "mallory.pem", d / "mallory.key", d / "rogue-ca.pem")

@@ -145,3 +145,59 @@ def test_self_signed_certificate_and_fingerprint() -> None:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["localhost"]
     assert {str(a) for a in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1"}
+
+
+def test_second_signal_aborts_at_once(certs: Certs) -> None:
+    # A long grace and close timeout: only the second signal can end this quickly.
+    proc, port, _ = start_echo("--cert", str(certs.cert_file), "--key", str(certs.key_file),
+                               "--grace", "60", "--close-timeout", "60")
+    try:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s = certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost")
+        assert recv_exactly(s, 4) == b"OK\r\n"
+        # Fill the server's send side: it cannot finish a graceful close while we do not read.
+        s.setblocking(False)
+        for _ in range(2000):
+            try:
+                s.send(b"x" * 65536)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                break
+        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None, "a graceful stop waits for the connection"
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        s.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_log_levels(certs: Certs) -> None:
+    proc, port, _ = start_echo("--cert", str(certs.cert_file), "--key", str(certs.key_file),
+                               "--log-level", "debug")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as bad:
+            bad.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            while bad.recv(100):
+                pass
+            bad_port = bad.getsockname()[1]
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
+            assert recv_exactly(s, 4) == b"OK\r\n"
+            good_port = s.getsockname()[1]
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    info = [line for line in err.splitlines() if " INFO " in line]
+    debug = [line for line in err.splitlines() if " DEBUG " in line]
+    # One INFO line for the failed handshake, with the peer and OpenSSL's reason.
+    assert any(f"127.0.0.1:{bad_port}" in line and "http request" in line for line in info), err
+    # Opens and closes at DEBUG.
+    assert any(f"127.0.0.1:{good_port}: accepted" in line for line in debug), err
+    assert any(f"127.0.0.1:{good_port}: closed" in line for line in debug), err
