@@ -357,3 +357,26 @@ def test_max_connections_refuses_then_resumes(certs: Certs) -> None:
         with st.connect(certs) as c:
             assert recv_exactly(c, 4) == GREETING
         b.close()
+
+
+def test_data_read_while_paused_reaches_the_handler_before_close(certs: Certs) -> None:
+    """Records decrypted after the handler paused are held, and still delivered at close_notify."""
+
+    class Pauser(Recorder):
+        def read(self, conn: tlsuv.Connection, data: bytes) -> None:
+            super().read(conn, data)
+            conn.pause_reading()  # the rest of this TCP read is already decrypted: it is held
+
+    with recorder_thread(certs, factory=lambda c: Pauser()) as st:
+        client = RawTLSClient(st.port, certs.client_pyopenssl_context())
+        client.handshake()
+        # Three records and close_notify in one TCP segment, so one libuv read carries them all.
+        for part in (b"one ", b"two ", b"three"):
+            client.ssl.send(part)
+        client.ssl.shutdown()
+        client.send_raw(client.ssl.bio_read(65536))
+        client.read_to_end()
+        h = only_handler(st)
+        wait_closed(st, h)
+    assert bytes(h.data) == b"one two three"
+    assert h.reason is None

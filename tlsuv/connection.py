@@ -359,12 +359,21 @@ class Connection:
             return
         self._reading_paused = False
         held, self._held = self._held, []
-        for chunk in held:
-            if self._finished or self._reading_paused:
-                self._held[:0] = held[held.index(chunk):]
+        for i, chunk in enumerate(held):
+            if self._finished:
+                return
+            if self._reading_paused:  # the handler paused again from inside read()
+                self._held[:0] = held[i:]
                 break
             self._deliver(chunk)
         self._update_reading()
+
+    def _deliver_held(self) -> None:
+        held, self._held = self._held, []
+        for chunk in held:
+            if self._finished:
+                return
+            self._deliver(chunk)
 
     def renegotiate(self) -> bool:
         """Start a TLS 1.2 renegotiation from the server side.
@@ -467,6 +476,9 @@ class Connection:
         if self._proxy is not None:
             self._finish(ProtocolError("peer closed the connection before the PROXY header ended"))
             return
+        self._deliver_held()  # the end of the stream outranks a pause: nothing read is lost
+        if self._finished:
+            return
         try:
             self._tls.eof_received()
         except TLSUVError as exc:
@@ -476,6 +488,9 @@ class Connection:
 
     def _on_peer_closed(self) -> None:
         """The peer's close_notify arrived: answer with ours, flush, then close."""
+        self._deliver_held()  # the end of the stream outranks a pause: nothing read is lost
+        if self._finished:
+            return
         self._closing = True
         if self._options.close_timeout is not None and self._timer_phase != "close":
             self._arm_timer("close", self._options.close_timeout)
