@@ -364,6 +364,8 @@ def valid_headers(draw: st.DrawFn) -> tuple[bytes, ProxyHeader]:
     ip6 = st.builds(ipaddress.IPv6Address, st.integers(0, 2**128 - 1))
     tlvs = b"".join(draw(st.lists(
         st.builds(tlv, st.integers(0, 255), st.binary(max_size=40)), max_size=4)))
+    src: ipaddress.IPv4Address | ipaddress.IPv6Address
+    dst: ipaddress.IPv4Address | ipaddress.IPv6Address
     if kind in ("v1-4", "v2-4"):
         src, dst = draw(ip4), draw(ip4)
     else:

@@ -25,6 +25,7 @@ import pytest
 from conftest import Certs, recv_exactly
 
 from tlsuv.proxy import V2_SIGNATURE
+from tlsuv.workers import available_cpus, worker_count
 
 ECHO = [sys.executable, "-m", "tlsuv.echo"]
 GREETING = b"OK\r\n"
@@ -43,7 +44,11 @@ class Supervised:
                          for s, dest in ((self.proc.stderr, self.lines), (self.proc.stdout, self.out))]
         for t in self._readers:
             t.start()
-        m = self.wait_for(r"listening on .*:(\d+)$", stream=self.out)
+        try:
+            m = self.wait_for(r"listening on .*:(\d+)$", stream=self.out)
+        except BaseException:
+            self.stop()  # never leave a forking server behind a failed start
+            raise
         self.port = int(m.group(1))
 
     def _read(self, stream: object, dest: list[str]) -> None:
@@ -90,10 +95,10 @@ class Supervised:
         return rc
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        # The whole group, even when the supervisor is already gone: no worker may outlive a test.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
 
 
 @contextlib.contextmanager
@@ -170,6 +175,35 @@ def test_a_killed_worker_is_restarted_and_service_goes_on(certs: Certs) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pids[2], 0)
             pytest.fail("the killed worker's pid still exists")  # pragma: no cover
+        sup.signal(signal.SIGTERM)
+        assert sup.wait() == 0
+
+
+def test_a_session_from_one_worker_resumes_on_another(certs: Certs) -> None:
+    """Forked after the SSL context was made, every worker holds the same ticket keys."""
+    with echo_workers(certs, "--workers", "2", "--log-level", "debug") as sup:
+        sup.worker_pids(2)
+        ctx = certs.client_ssl_context()
+
+        def connect(session: ssl.SSLSession | None) -> tuple[int, ssl.SSLSession | None, bool]:
+            raw = socket.create_connection(("127.0.0.1", sup.port), timeout=10)
+            with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s:
+                local = s.getsockname()[1]
+                assert recv_exactly(s, len(GREETING)) == GREETING  # TLS 1.3 tickets arrive with it
+                reused = bool(s.session_reused)
+                new_session = s.session
+                s.unwrap()
+            return serving_worker(sup, local), new_session, reused
+
+        first, session, reused = connect(None)
+        assert not reused and session is not None
+        for _ in range(80):
+            worker, _, reused = connect(session)
+            if worker != first:
+                assert reused, "a ticket from one worker was refused by another"
+                break
+        else:  # pragma: no cover - 2**-80
+            pytest.fail("every connection landed on the same worker")
         sup.signal(signal.SIGTERM)
         assert sup.wait() == 0
 
@@ -277,9 +311,11 @@ def test_stats_interval_sums_over_workers(certs: Certs, workers: str) -> None:
         payload = b"x" * 5000
         for _ in range(6):
             echo_once(certs, sup.port, payload)
-        with socket.create_connection(("127.0.0.1", sup.port), timeout=10) as bad:
+        with socket.create_connection(("127.0.0.1", sup.port), timeout=10) as bad, \
+                contextlib.suppress(ConnectionResetError):
             bad.sendall(b"this is not TLS\r\n\r\n")
-            assert bad.recv(100) in (b"", b"\x15\x03\x01\x00\x02\x02\x16")[:1] or True
+            while bad.recv(100):  # an alert maybe, then the close
+                pass
         values = _stats(sup, workers=int(workers), open=0, accepted=7, handshakes_failed=1)
         # Ciphertext both ways: at least the payloads and the greeting, plus TLS overhead.
         assert values["bytes_in"] > 6 * len(payload)
@@ -289,16 +325,18 @@ def test_stats_interval_sums_over_workers(certs: Certs, workers: str) -> None:
         assert sup.wait() == 0
 
 
-def test_stats_survive_a_worker_restart(certs: Certs) -> None:
+def test_stats_survive_worker_restarts(certs: Certs) -> None:
     with echo_workers(certs, "--workers", "2", "--stats-interval", "0.2", "--log-level", "debug") as sup:
         pids = sup.worker_pids(2)
-        seen = spread(sup, certs, {1, 2})
+        seen = spread(sup, certs, {1, 2})  # both workers have counted something
         total = sum(seen.values())
         _stats(sup, accepted=total)
-        os.kill(pids[1], signal.SIGKILL)
-        sup.wait_for(r"worker 1 listening \(pid (?!%d\))" % pids[1])
-        # The dead worker's counts are kept: accepted never goes back.
-        _stats(sup, accepted=total, open=0)
+        for number in (1, 2):  # one after the other: what the first counted must survive the second
+            mark = len(sup.lines)
+            os.kill(pids[number], signal.SIGKILL)
+            sup.wait_for(rf"worker {number} listening", start=mark)
+            # The dead worker's counts are kept: accepted never goes back.
+            _stats(sup, accepted=total, open=0)
         echo_once(certs, sup.port)
         _stats(sup, accepted=total + 1)
         sup.signal(signal.SIGTERM)
@@ -397,6 +435,4 @@ def test_workers_port_in_use_is_one_line() -> None:
 
 
 def test_workers_auto_uses_the_cpus_we_may_run_on() -> None:
-    from tlsuv.workers import available_cpus, worker_count
-
     assert worker_count("auto") == available_cpus() == len(os.sched_getaffinity(0))

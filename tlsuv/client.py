@@ -155,6 +155,10 @@ class _ClientConnection(Connection):
         if self._finished:
             return
         if timeout is not None:
+            # libuv's clock is cached per loop iteration; connect() may come
+            # long after the last one (before loop.run()), which would cut the
+            # timeout short.
+            self._tcp.loop.update_time()
             self._arm_timer("connect", timeout)
         host, port = self._target
         if _openssl.is_ip_address(host):
@@ -267,6 +271,10 @@ class Client:
     ) -> None:
         if connect_timeout is not None and connect_timeout <= 0:
             raise ValueError("connect_timeout must be positive or None")
+        builds_context = (not verify or min_version != "1.2" or any(
+            v is not None for v in (cafile, cert, key, alpn, keylog, ciphers, ciphersuites, max_version)))
+        if context is not None and builds_context:
+            raise ValueError("pass either a ready context or the options to build one, not both")
         if context is None:
             context = build_client_context(
                 cafile=cafile, verify=verify, cert=cert, key=key, alpn=alpn, min_version=min_version,
@@ -295,16 +303,22 @@ class Client:
             raise ValueError(f"port must be 1-65535, not {port!r}")
         host = host.strip("[]")  # "[::1]" as written in URLs
         name = server_hostname if server_hostname is not None else host
-        if not name:
-            raise ValueError("server_hostname cannot be empty")
-        name = name.rstrip(".") if not _openssl.is_ip_address(name) else name
-        sni = None if _openssl.is_ip_address(name) else name
+        is_ip = _openssl.is_ip_address(name)
+        if not is_ip:
+            name = name.rstrip(".")
+            try:
+                if not name or not name.encode("idna"):
+                    raise UnicodeError("empty")
+            except UnicodeError as exc:
+                raise ValueError(f"not a valid host name: {name!r}") from exc
         pending = _acquire_pending(self.loop)
+        tcp = pyuv.TCP(self.loop)
         try:
-            conn = _ClientConnection(pyuv.TCP(self.loop), self.context, handler_factory,
-                                     target=(host, port), pending=pending, options=self.options,
-                                     on_gone=self._gone, server_hostname=sni)
+            conn = _ClientConnection(tcp, self.context, handler_factory, target=(host, port),
+                                     pending=pending, options=self.options, on_gone=self._gone,
+                                     server_hostname=None if is_ip else name)
         except BaseException:
+            tcp.close()
             _release_pending(self.loop)
             raise
         self.connections.add(conn)

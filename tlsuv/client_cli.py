@@ -80,7 +80,7 @@ def build_parser() -> _cli.ArgumentParser:
                    help="do not verify the server certificate or its name (testing only)")
     p.add_argument("--servername", metavar="NAME",
                    help="name sent as SNI and required in the certificate (default: HOST)")
-    p.add_argument("--alpn", type=policy._alpn_arg, metavar="PROTO[,PROTO...]",
+    p.add_argument("--alpn", type=policy.alpn_argument, metavar="PROTO[,PROTO...]",
                    help="offer these ALPN protocols")
     p.add_argument("--cert", metavar="FILE", help="client certificate (PEM, chain allowed)")
     p.add_argument("--key", metavar="FILE", help="client certificate's private key (PEM)")
@@ -200,9 +200,14 @@ class Session(Handler):
     def closed(self, conn: Connection, reason: BaseException | None) -> None:
         self.finished = True
         self.reason = reason
+        self.release()
+
+    def release(self) -> None:
+        """Close our handles so that ``loop.run()`` can return."""
         self.pump.close()
         for h in self.signals:
-            h.close()
+            if not h.closed:
+                h.close()
 
     def _stdin_data(self, data: bytes) -> None:
         conn = self.conn
@@ -277,7 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CertificateError, policy.PolicyError) as exc:
         _cli.fail(f"{PROG}: error: {exc}")
     session = Session(loop, _write_stdout)
-    session.conn = client.connect(host, port, lambda conn: session, server_hostname=args.servername)
+    try:
+        session.conn = client.connect(host, port, lambda conn: session, server_hostname=args.servername)
+    except ValueError as exc:  # a name that cannot be a host name
+        session.release()
+        _cli.fail(f"{PROG}: error: {exc}")
     loop.run()
     if session.signal is not None:
         return 128 + session.signal

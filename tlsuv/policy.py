@@ -160,11 +160,12 @@ def _check_sni_name(name: str) -> str:
     labels = norm[2:].split(".") if norm.startswith("*.") else norm.split(".")
     if not norm or "*" in ".".join(labels) or not all(labels):
         raise PolicyError(f"not a host name for SNI: {name!r} (use e.g. example.com or *.example.com)")
+    # Clients send internationalised names as A-labels (xn--...): compare in that form.
+    wildcard, rest = ("*.", norm[2:]) if norm.startswith("*.") else ("", norm)
     try:
-        norm.encode("idna" if not norm.startswith("*.") else "ascii")
+        return wildcard + rest.encode("idna").decode("ascii")
     except UnicodeError:
         raise PolicyError(f"not a host name for SNI: {name!r}") from None
-    return norm
 
 
 def _read_ca_file(path: str | Path, what: str) -> list[x509.Certificate]:
@@ -377,7 +378,7 @@ def build_client_context(
 # -- command line ----------------------------------------------------------------
 
 
-def _alpn_arg(text: str) -> tuple[str, ...]:
+def alpn_argument(text: str) -> tuple[str, ...]:
     try:
         return parse_alpn(text)
     except PolicyError as exc:
@@ -398,7 +399,7 @@ def _sni_arg(text: str) -> tuple[str, str, str]:
 def add_arguments(parser: argparse.ArgumentParser, *, server: bool = True) -> None:
     """Add the TLS policy flags (server side: all of them; client side: versions, ciphers, key log)."""
     if server:
-        parser.add_argument("--alpn", type=_alpn_arg, metavar="PROTO[,PROTO...]",
+        parser.add_argument("--alpn", type=alpn_argument, metavar="PROTO[,PROTO...]",
                             help="ALPN protocols, most preferred first; a client offering none of "
                                  "them is refused")
         parser.add_argument("--client-ca", metavar="FILE",

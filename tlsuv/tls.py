@@ -268,6 +268,10 @@ class TLSEngine:
         except SSL.WantReadError:
             pass
         except SSL.ZeroReturnError:
+            if state is State.HANDSHAKING:
+                # A client's Finished, first data and close_notify can come in
+                # one read: the handshake did complete before the close_notify.
+                self._check_handshake()
             self._peer_close_notify()
         except SSL.Error as exc:
             raise self._fail(exc) from exc

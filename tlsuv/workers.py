@@ -102,9 +102,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tlsuv.workers")
 
-# A typo guard, not a tuning limit: each worker holds a loop, an SSL context
-# and tens of MB; a thousand of them is no longer a configuration mistake
-# anybody makes on purpose.
+# A typo guard, not a tuning limit: each worker is a whole process with its
+# own loop and memory, and more than a thousand of them on one machine is a
+# slip of the keyboard, not a plan.
 MAX_WORKERS: Final = 1024
 
 # The first restart comes quickly (a tenth of a second of lost capacity for a
@@ -215,6 +215,7 @@ class _Worker:
     restart_at: float | None = None
     counters: Counters = field(default_factory=Counters)
     status: int | None = None  # exit status once reaped during the drain
+    listened: bool = False  # has listened at least once (for the "ready" announcement)
 
 
 class Supervisor:
@@ -262,6 +263,7 @@ class Supervisor:
         self._killed = False
         self._retired = Counters()
         self._next_stats: float | None = None
+        self._on_ready: Callable[[], None] | None = None
 
     # -- set-up --------------------------------------------------------------
 
@@ -291,8 +293,14 @@ class Supervisor:
         self.address = (str(name[0]), int(name[1]))
         return self.address
 
-    def run(self) -> int:
+    def run(self, on_ready: Callable[[], None] | None = None) -> int:
+        """Fork the workers and supervise them until they have drained; return the exit status.
+
+        ``on_ready`` runs once every worker has listened: before that,
+        connections to the claimed port are refused.
+        """
         self.bind()
+        self._on_ready = on_ready
         assert self.address is not None
         log.info("starting %d workers on %s", len(self.workers), _fmt(self.address))
         self._selector = selectors.DefaultSelector()
@@ -363,7 +371,8 @@ class Supervisor:
                     _drain_fd(key.fd)
                 else:
                     self._on_message(key.data)
-        failed = [w for w in self.workers if w.status != 0]
+        # None: the worker was down (waiting for its restart) when the drain began.
+        failed = [w for w in self.workers if w.status not in (None, 0)]
         if self.stats_interval is not None:
             log.info("%s", self._totals().line(len(self.workers)))
         if failed or self._killed:
@@ -413,16 +422,17 @@ class Supervisor:
                 self._killed = True
 
     def _reap(self) -> None:
-        while True:
+        for w in self.workers:
+            if not w.pid:
+                continue
+            # One pid at a time, never -1: other children of this process
+            # (a library user's subprocesses) are not ours to reap.
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
+                pid, status = os.waitpid(w.pid, os.WNOHANG)
+            except ChildProcessError:  # pragma: no cover - reaped by someone else
+                pid, status = w.pid, 0
             if pid == 0:
-                return
-            w = next((x for x in self.workers if x.pid == pid), None)
-            if w is None:
-                continue  # not ours (a library user's child): leave it be
+                continue
             self._read_messages(w)  # its last report may still be in the channel
             self._retired = self._retired + Counters(**{
                 **w.counters.to_message(), "open": 0})
@@ -442,11 +452,15 @@ class Supervisor:
             lived = time.monotonic() - w.started
             if lived >= STABLE_AFTER:
                 w.quick_deaths = 0
-            delay = min(RESTART_DELAY_MIN * 2 ** w.quick_deaths, RESTART_DELAY_MAX)
-            w.quick_deaths += 1
-            w.restart_at = time.monotonic() + delay
+            delay = self._schedule_restart(w)
             log.warning("worker %d (pid %d) %s after %.1fs; restarting in %.1fs",
                         w.number, pid, how, lived, delay)
+
+    def _schedule_restart(self, w: _Worker) -> float:
+        delay: float = min(RESTART_DELAY_MIN * 2.0 ** w.quick_deaths, RESTART_DELAY_MAX)
+        w.quick_deaths += 1
+        w.restart_at = time.monotonic() + delay
+        return delay
 
     def _totals(self) -> Counters:
         total = self._retired
@@ -488,6 +502,10 @@ class Supervisor:
                 continue
             if message.get("event") == "listening":
                 log.info("worker %d listening (pid %d)", w.number, w.pid)
+                w.listened = True
+                if self._on_ready is not None and all(x.listened for x in self.workers):
+                    on_ready, self._on_ready = self._on_ready, None
+                    on_ready()
             w.counters = Counters.from_message(message)
 
     def _close_channel(self, w: _Worker) -> None:
@@ -508,7 +526,14 @@ class Supervisor:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory: try again later
+            ours.close()
+            theirs.close()
+            delay = self._schedule_restart(w)
+            log.error("cannot start worker %d: %s; retrying in %.1fs", w.number, exc, delay)
+            return
         if pid == 0:  # the child: never returns
             ours.close()
             self._become_worker(w, theirs)
@@ -702,16 +727,14 @@ def run(
     """Serve with ``workers`` processes until SIGTERM/SIGINT; return the exit status.
 
     ``setup(loop)`` builds each worker's (not yet listening) server.
-    ``on_listening(host, port)`` runs in the parent once the address is
-    claimed, before the workers start.  Raises :class:`~tlsuv.ServerError`
-    if the address cannot be bound.
+    ``on_listening(host, port)`` runs in the parent once every worker is
+    listening.  Raises :class:`~tlsuv.ServerError` if the address cannot be
+    bound (before any worker starts).
     """
     sup = Supervisor(setup, host=host, port=port, workers=workers, grace=grace,
                      stats_interval=stats_interval)
-    bound = sup.bind()
-    if on_listening is not None:
-        on_listening(*bound)
-    return sup.run()
+    host, port = sup.bind()
+    return sup.run(None if on_listening is None else lambda: on_listening(host, port))
 
 
 def worker_count(text: str) -> int:
@@ -782,15 +805,14 @@ def run_cli(
     announce: Callable[[str, int], None],
     prog: str = "python -m tlsuv.echo",
 ) -> int:
-    """``--workers N`` for a command-line tool: bind, announce, supervise."""
+    """``--workers N`` for a command-line tool: bind, supervise, announce once all listen."""
     sup = Supervisor(setup, host=args.host, port=args.port, workers=args.workers, grace=args.grace,
                      stats_interval=args.stats_interval)
     try:
         host, port = sup.bind()
     except ServerError as exc:
         _cli.fail(f"{prog}: error: {exc}")
-    announce(host, port)
-    return sup.run()
+    return sup.run(lambda: announce(host, port))
 
 
 __all__ = [

@@ -142,6 +142,25 @@ def markdown_table(
     return "\n".join(lines)
 
 
+BUSY_PCT = 90.0
+
+
+def busy_generator(
+    scenarios: Sequence[tuple[str, str, Sequence[str]]],
+    servers: Sequence[tuple[str, str]],
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]],
+) -> list[str]:
+    """Where the load generator's own core was (nearly) full: it may have set the pace there."""
+    lines = []
+    for skey, title, _ in scenarios:
+        for server, label in servers:
+            cli = summary.get(skey, {}).get(server, {}).get("cli_pct")
+            if cli is not None and cli >= BUSY_PCT:
+                srv = summary[skey][server].get("srv_pct")
+                lines.append(f"{title}, {label}: load generator {fmt(cli)} %, server {fmt(srv)} %")
+    return lines
+
+
 def ceiling_checks(
     scenarios: Sequence[tuple[str, str, Sequence[str]]],
     summary: Mapping[str, Mapping[str, Mapping[str, float]]],
