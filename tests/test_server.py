@@ -247,3 +247,20 @@ def test_handler_exception_closes_only_that_connection(
     reasons = [h.reason for h in handlers]
     assert sum(isinstance(r, tlsuv.HandlerError) for r in reasons) == 1
     assert all(h.closed_count == 1 for h in handlers)
+
+
+def test_handshake_failure_counter_counts_only_failed_handshakes(certs: Certs) -> None:
+    with server_thread(certs.server_context()) as st:
+        # Completed, then truncated: not a failed handshake.
+        raw = socket.create_connection(("127.0.0.1", st.port), timeout=10)
+        s = certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost")
+        assert recv_exactly(s, 4) == GREETING
+        socket.socket(fileno=s.detach()).close()
+        # Never completed: a failed handshake.
+        with socket.create_connection(("127.0.0.1", st.port), timeout=10) as bad:
+            bad.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            while bad.recv(100):
+                pass
+        st.wait_for(lambda: not st.server.connections)
+        assert st.server.accepted == 2
+        assert st.server.handshakes_failed == 1

@@ -3,12 +3,17 @@
 The public surface::
 
     Server, Connection, ConnectionOptions, Handler, TLSEngine,
-    self_signed, server_context, load_bundle, and the errors.
+    self_signed, server_context, load_bundle, ServerPolicy, build_server_context,
+    ProxyOptions, and the errors.
+
+The client lives in :mod:`tlsuv.client` (``tlsuv.client.connect``); it is not
+imported here so that ``python -m tlsuv.client`` runs without a double import.
 """
 
 from .certs import CertificateBundle, CertificateError, load_bundle, self_signed, server_context
 from .connection import Connection, ConnectionOptions
 from .errors import (
+    CertificateVerifyError,
     ConnectionClosedError,
     HandlerError,
     HandshakeError,
@@ -20,6 +25,8 @@ from .errors import (
     TruncationError,
 )
 from .handler import Handler, HandlerFactory
+from .policy import PolicyError, ServerPolicy, build_server_context
+from .proxy import ProxyOptions
 from .server import Server, ServerError
 from .tls import OP_ALLOW_CLIENT_RENEGOTIATION, State, TLSEngine
 
@@ -29,6 +36,7 @@ __all__ = [
     "OP_ALLOW_CLIENT_RENEGOTIATION",
     "CertificateBundle",
     "CertificateError",
+    "CertificateVerifyError",
     "Connection",
     "ConnectionClosedError",
     "ConnectionOptions",
@@ -36,9 +44,12 @@ __all__ = [
     "HandlerError",
     "HandlerFactory",
     "HandshakeError",
+    "PolicyError",
     "ProtocolError",
+    "ProxyOptions",
     "Server",
     "ServerError",
+    "ServerPolicy",
     "State",
     "TLSEngine",
     "TLSError",
@@ -46,6 +57,7 @@ __all__ = [
     "TimeoutError",
     "TransportError",
     "TruncationError",
+    "build_server_context",
     "load_bundle",
     "self_signed",
     "server_context",

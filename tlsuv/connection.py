@@ -228,6 +228,11 @@ class Connection:
         return self._tls.established
 
     @property
+    def handshake_completed(self) -> bool:
+        """The handshake completed at some point (even if the connection failed later)."""
+        return self._tls.handshake_completed
+
+    @property
     def closed(self) -> bool:
         return self._finished
 
@@ -526,13 +531,16 @@ class Connection:
                 return
         self._timer_phase = ""
         if phase == "close":
-            if self._tls_shutdown_done and self._tcp.write_queue_size == 0:
+            if self._tls_shutdown_done and self._tcp.write_queue_size == 0 \
+                    and not self._tls.read_after_shutdown:
                 # Everything we owed the peer, close_notify included, is on
                 # the wire; it just never answered.  Many TLS 1.3 stacks do
                 # not, so this is a normal ending, not an error.
                 log.debug("%s: no close_notify from the peer in time; closing", _fmt(self.peer))
                 self._finish(None)
             else:
+                # Either our data is still queued, or (after write_eof) we
+                # were waiting for the peer's answer: both mean lost bytes.
                 self._abort(TimeoutError(
                     "graceful close timed out with data still undelivered", phase="close"))
             return

@@ -109,7 +109,12 @@ class Server:
             raise ServerError("server is already listening")
         tcp = pyuv.TCP(self.loop)
         sock.setblocking(False)
-        tcp.open(sock.detach())
+        try:
+            tcp.open(sock.fileno())
+        except pyuv.error.UVError as exc:
+            tcp.close()
+            raise ServerError(f"cannot adopt socket: {exc.args[-1]}") from exc
+        sock.detach()  # the handle owns the descriptor now; closing it closes the socket
         try:
             tcp.listen(self._on_connection, backlog)
         except pyuv.error.UVError as exc:
@@ -118,6 +123,7 @@ class Server:
         name = tcp.getsockname()
         self._listener = tcp
         self._address = (str(name[0]), int(name[1]))
+        log.info("listening on %s (adopted socket)", _fmt(self._address))
         return self._address
 
     @property
@@ -167,7 +173,7 @@ class Server:
         self.connections.discard(conn)
         self.ended_bytes_in += conn.bytes_in
         self.ended_bytes_out += conn.bytes_out
-        if conn.state.value == "handshaking" or (conn._reason is not None and not conn.established):
+        if not conn.handshake_completed:
             self.handshakes_failed += 1
         if self._closing and not self.connections:
             self._all_closed()

@@ -168,6 +168,7 @@ class TLSEngine:
         "_deferred_bytes",
         "bytes_received",
         "bytes_sent",
+        "handshake_completed",
         "read_after_shutdown",
         "server_side",
         "ssl",
@@ -195,6 +196,8 @@ class TLSEngine:
                 self.ssl.set_tlsext_host_name(server_hostname.encode("idna"))
             self.ssl.set_connect_state()
         self.state = State.HANDSHAKING
+        # Stays True once set: FAILED after a completed handshake is not a failed handshake.
+        self.handshake_completed = False
         # Plaintext that OpenSSL could not take yet (it needs to read first).
         self._deferred: deque[memoryview] = deque()
         self._deferred_bytes = 0
@@ -277,7 +280,7 @@ class TLSEngine:
             raise self._fail(exc) from exc
         if state is State.HANDSHAKING:
             self._check_handshake()
-        if self.state is State.SHUTDOWN_SENT and chunks and not self.read_after_shutdown:
+        if state is State.SHUTDOWN_SENT and chunks and not self.read_after_shutdown:
             # Application data after our close_notify is legal (the peer had
             # not seen it yet); drain it so it cannot fill memory, drop it.
             chunks.clear()
@@ -288,6 +291,7 @@ class TLSEngine:
     def _check_handshake(self) -> None:
         if self.state is State.HANDSHAKING and self.ssl.get_state_string() == _HANDSHAKE_DONE_STATE:
             self._set_state(State.ESTABLISHED)
+            self.handshake_completed = True
 
     def _peer_close_notify(self) -> None:
         if self.state is State.SHUTDOWN_SENT:
