@@ -93,3 +93,55 @@ def session_reused(conn: SSL.Connection) -> bool:
     if not _HAVE_SESSION_REUSED:
         return False
     return bool(_lib.SSL_session_reused(_ssl_ptr(conn)))
+
+
+# -- The hot path ---------------------------------------------------------------
+#
+# Per message the echo server calls SSL_read twice (data, then WANT_READ),
+# SSL_write once and drains the outgoing BIO once.  Through pyOpenSSL's public
+# methods each call also checks three callback helpers, wraps buffers, and
+# the final WANT_READ is a raised exception: together more time than the AES
+# work itself for small messages.  tlsuv.tls calls these symbols directly
+# instead and asks the BIOs how much they hold, so the common case raises
+# nothing; on any error it hands back to pyOpenSSL's own error mapping, so
+# the exceptions are exactly pyOpenSSL's.  FAST_IO is False if a future
+# pyOpenSSL drops any of them, and tlsuv.tls then uses the public methods.
+
+FAST_IO: Final = _has(
+    "SSL_read", "SSL_write", "SSL_get_error", "SSL_pending", "BIO_read", "BIO_write",
+    "BIO_get_mem_data", "SSL_ERROR_WANT_READ", "SSL_ERROR_ZERO_RETURN",
+) and all(hasattr(SSL.Connection, a) for a in ("_raise_ssl_error",))
+
+if FAST_IO:
+    SSL_read = _lib.SSL_read
+    SSL_write = _lib.SSL_write
+    SSL_get_error = _lib.SSL_get_error
+    SSL_pending = _lib.SSL_pending
+    BIO_read = _lib.BIO_read
+    BIO_write = _lib.BIO_write
+    BIO_get_mem_data = _lib.BIO_get_mem_data
+    ERROR_WANT_READ: int = _lib.SSL_ERROR_WANT_READ
+    ERROR_ZERO_RETURN: int = _lib.SSL_ERROR_ZERO_RETURN
+    NULL = _ffi.NULL
+    # Uninitialised buffers: OpenSSL overwrites what it returns, and zeroing
+    # 16 KiB per read would be pure waste (pyOpenSSL does the same).
+    new_buffer = _ffi.new_allocator(should_clear_after_alloc=False)
+    unpack = _ffi.buffer
+    from_buffer = _ffi.from_buffer
+
+
+def fast_handles(conn: SSL.Connection) -> tuple[Any, Any, Any] | None:
+    """``(SSL*, incoming BIO, outgoing BIO)`` of a memory-BIO connection, or None."""
+    if not FAST_IO:
+        return None
+    ssl = getattr(conn, "_ssl", None)
+    rbio = getattr(conn, "_into_ssl", None)
+    wbio = getattr(conn, "_from_ssl", None)
+    if ssl is None or rbio is None or wbio is None:
+        return None
+    return ssl, rbio, wbio
+
+
+def raise_ssl_error(conn: SSL.Connection, result: int) -> None:
+    """Raise exactly what pyOpenSSL would for this SSL_read/SSL_write result."""
+    conn._raise_ssl_error(conn._ssl, result)

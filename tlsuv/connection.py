@@ -309,9 +309,11 @@ class Connection:
         except TLSUVError as exc:
             self._fail(exc)
             return
-        self._unflushed += len(data)
+        unflushed = self._unflushed = self._unflushed + len(data)
         self._pending.add(self)
-        if not self._writing_paused and self.buffered > self._options.high_water:
+        if not self._writing_paused and (
+            unflushed + self._tcp.write_queue_size + self._tls._deferred_bytes > self._options.high_water
+        ):
             self._writing_paused = True
             self._callback("pause_writing")
 
@@ -423,17 +425,24 @@ class Connection:
             self._on_handshake_complete()
             if self._finished:
                 return
+        handler = self._handler
         for chunk in chunks:
             if self._reading_paused:
                 self._held.append(chunk)
-            else:
-                self._deliver(chunk)
+            elif handler is not None:
+                try:
+                    handler.read(self, chunk)
+                except Exception as exc:
+                    self._handler_failed("read", exc)
             if self._finished:
                 return
-        if tls.state is State.PEER_CLOSED or tls.state is State.CLOSED:
+        state = tls.state
+        if state is State.PEER_CLOSED or state is State.CLOSED:
             self._on_peer_closed()
             return
-        if tls.has_deferred or tls.pending_output() != 0:
+        # A read can leave TLS output (handshake, tickets, alerts) or make
+        # deferred writes possible: the after_io pass takes care of both.
+        if tls._deferred or tls.pending_output():
             self._pending.add(self)
         if self._reading_paused:
             self._update_reading()
@@ -552,21 +561,22 @@ class Connection:
         if self._finished:
             return
         tls = self._tls
-        try:
-            if tls.has_deferred:
-                tls.retry_deferred()
-            if self._closing and not self._tls_shutdown_done:
-                self._start_tls_shutdown()
-        except TLSUVError as exc:
-            self._fail(exc)
-            return
+        if tls._deferred or self._closing:
+            try:
+                if tls._deferred:
+                    tls.retry_deferred()
+                if self._closing and not self._tls_shutdown_done:
+                    self._start_tls_shutdown()
+            except TLSUVError as exc:
+                self._fail(exc)
+                return
         data = tls.data_to_send()
         self._unflushed = 0
         if data:
             self._send(data)
             if self._finished:
                 return
-        if self._tcp.write_queue_size == 0:
+        if (self._writing_paused or self._tls_shutdown_done) and self._tcp.write_queue_size == 0:
             self._after_drain()
 
     def _start_tls_shutdown(self) -> None:
@@ -594,9 +604,11 @@ class Connection:
                 n = 0
             if n == len(data):
                 return
-            data = data[n:]
+            rest: bytes | memoryview = memoryview(data)[n:]  # libuv keeps a reference, not a copy
+        else:
+            rest = data
         try:
-            tcp.write(data, self._on_write)
+            tcp.write(rest, self._on_write)
         except pyuv.error.UVError as exc:
             self._abort(TransportError(f"write failed: {exc.args[-1]}"), cause=exc)
 

@@ -68,22 +68,13 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from typing import Final
+from typing import Any, Final
 
 from OpenSSL import SSL
 
+from . import _openssl as _o
 from ._openssl import verify_failure
 from .errors import CertificateVerifyError, HandshakeError, TLSError, TruncationError
-
-try:  # pyOpenSSL's private cffi binding: the only way to ask a memory BIO its size.
-    from OpenSSL._util import ffi as _ffi
-    from OpenSSL._util import lib as _lib
-
-    _BIO_get_mem_data = _lib.BIO_get_mem_data
-    _NULL = _ffi.NULL
-except (ImportError, AttributeError):  # pragma: no cover - depends on pyOpenSSL internals
-    _BIO_get_mem_data = None
-    _NULL = None
 
 # OpenSSL hands back at most one TLS record per SSL_read, and a record carries
 # at most 2**14 bytes of plaintext (RFC 8446 section 5.1): asking for more
@@ -166,6 +157,8 @@ class TLSEngine:
         "_bio",
         "_deferred",
         "_deferred_bytes",
+        "_ptr",
+        "_rbio",
         "bytes_received",
         "bytes_sent",
         "handshake_completed",
@@ -201,7 +194,14 @@ class TLSEngine:
         # Plaintext that OpenSSL could not take yet (it needs to read first).
         self._deferred: deque[memoryview] = deque()
         self._deferred_bytes = 0
-        self._bio = getattr(self.ssl, "_from_ssl", None) if _BIO_get_mem_data else None
+        # The raw SSL* and BIOs for the hot path (tlsuv._openssl); None means
+        # "use pyOpenSSL's public methods", which behave the same, slower.
+        handles = _o.fast_handles(self.ssl)
+        self._ptr: Any = None  # cffi pointers: SSL*, incoming BIO*, outgoing BIO*
+        self._rbio: Any = None
+        self._bio: Any = None
+        if handles is not None:
+            self._ptr, self._rbio, self._bio = handles
         self.bytes_received = 0  # plaintext delivered to the owner
         self.bytes_sent = 0  # plaintext accepted by OpenSSL
         # A half-close (Connection.write_eof): after our close_notify the peer's
@@ -240,7 +240,7 @@ class TLSEngine:
         """Bytes of ciphertext waiting in the outgoing BIO (-1 if it cannot be asked)."""
         if self._bio is None:
             return -1
-        return int(_BIO_get_mem_data(self._bio, _NULL))
+        return int(_o.BIO_get_mem_data(self._bio, _o.NULL))
 
     @property
     def wants_flush(self) -> bool:
@@ -260,6 +260,61 @@ class TLSEngine:
         state = self.state
         if state is State.FAILED or state is State.CLOSED or state is State.PEER_CLOSED:
             return []
+        if self._ptr is not None:
+            chunks = self._receive_fast(data, state)
+        else:
+            chunks = self._receive_public(data, state)
+        if state is State.HANDSHAKING:
+            self._check_handshake()
+        if state is State.SHUTDOWN_SENT and chunks and not self.read_after_shutdown:
+            # Application data after our close_notify is legal (the peer had
+            # not seen it yet); drain it so it cannot fill memory, drop it.
+            chunks.clear()
+        if chunks:
+            self.bytes_received += sum(map(len, chunks))
+        return chunks
+
+    def _receive_fast(self, data: bytes, state: State) -> list[bytes]:
+        """SSL_read until the input is used up, without an exception in the common case.
+
+        After a successful read, nothing more can come out of OpenSSL unless
+        it still holds plaintext of that record (SSL_pending) or unread
+        records wait in the incoming BIO: memory BIOs hand OpenSSL exactly
+        the bytes of one record at a time (read-ahead is off), so when both
+        are empty the next SSL_read could only say WANT_READ.
+        """
+        ptr = self._ptr
+        rbio = self._rbio
+        if data:
+            with _o.from_buffer(data) as cdata:
+                if _o.BIO_write(rbio, cdata, len(data)) != len(data):  # pragma: no cover
+                    raise self._fail(SSL.Error([("BIO", "", "memory BIO refused input")]))
+        chunks: list[bytes] = []
+        buf = _o.new_buffer("char[]", RECV_SIZE)
+        read = _o.SSL_read
+        while True:
+            n = read(ptr, buf, RECV_SIZE)
+            if n > 0:
+                chunks.append(_o.unpack(buf, n)[:])
+                if _o.SSL_pending(ptr) == 0 and _o.BIO_get_mem_data(rbio, _o.NULL) == 0:
+                    break
+                continue
+            err = _o.SSL_get_error(ptr, n)
+            if err == _o.ERROR_WANT_READ:
+                break
+            if err == _o.ERROR_ZERO_RETURN:
+                self._on_zero_return(state)
+                break
+            try:
+                _o.raise_ssl_error(self.ssl, n)
+            except SSL.WantReadError:  # pragma: no cover - SSL_get_error said otherwise
+                break
+            except SSL.Error as exc:
+                raise self._fail(exc) from exc
+            raise self._fail(SSL.Error([("SSL", "", f"SSL_read failed ({err})")]))  # pragma: no cover
+        return chunks
+
+    def _receive_public(self, data: bytes, state: State) -> list[bytes]:
         ssl = self.ssl
         if data:
             ssl.bio_write(data)
@@ -271,22 +326,17 @@ class TLSEngine:
         except SSL.WantReadError:
             pass
         except SSL.ZeroReturnError:
-            if state is State.HANDSHAKING:
-                # A client's Finished, first data and close_notify can come in
-                # one read: the handshake did complete before the close_notify.
-                self._check_handshake()
-            self._peer_close_notify()
+            self._on_zero_return(state)
         except SSL.Error as exc:
             raise self._fail(exc) from exc
-        if state is State.HANDSHAKING:
-            self._check_handshake()
-        if state is State.SHUTDOWN_SENT and chunks and not self.read_after_shutdown:
-            # Application data after our close_notify is legal (the peer had
-            # not seen it yet); drain it so it cannot fill memory, drop it.
-            chunks.clear()
-        if chunks:
-            self.bytes_received += sum(map(len, chunks))
         return chunks
+
+    def _on_zero_return(self, state: State) -> None:
+        if state is State.HANDSHAKING:
+            # A client's Finished, first data and close_notify can come in
+            # one read: the handshake did complete before the close_notify.
+            self._check_handshake()
+        self._peer_close_notify()
 
     def _check_handshake(self) -> None:
         if self.state is State.HANDSHAKING and self.ssl.get_state_string() == _HANDSHAKE_DONE_STATE:
@@ -329,21 +379,45 @@ class TLSEngine:
         """Encrypt ``data`` now, or keep it as a deferred write if OpenSSL must read first."""
         if not self.can_write:
             raise TLSError(f"cannot write: TLS connection is {self.state.value}")
-        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-        if not view:
+        if not data:
             return
         if self._deferred:
+            view = memoryview(data).cast("B")
             self._deferred.append(view)
             self._deferred_bytes += len(view)
             return
-        self._send_or_defer(view)
+        self._send_or_defer(data)
 
-    def _send_or_defer(self, view: memoryview) -> bool:
-        """Push ``view`` into OpenSSL; on WantRead keep the rest deferred.  True if all went."""
-        send = self.ssl.send
+    def _send_or_defer(self, data: bytes | bytearray | memoryview) -> bool:
+        """Push ``data`` into OpenSSL; on WantRead keep the rest deferred.  True if all went."""
+        ptr = self._ptr
+        if ptr is not None and type(data) is bytes:
+            # The common case: cffi passes bytes as a pointer without a copy,
+            # and a memory BIO takes the whole buffer in one SSL_write.
+            n = _o.SSL_write(ptr, data, len(data))
+            if n == len(data):
+                self.bytes_sent += n
+                return True
+            if n > 0:  # pragma: no cover - a memory BIO does not take part of a buffer
+                self.bytes_sent += n
+                return self._send_view(memoryview(data)[n:])
+            return self._send_view(memoryview(data), failed=n)
+        return self._send_view(memoryview(data).cast("B"))
+
+    def _send_view(self, view: memoryview, failed: int | None = None) -> bool:
+        """The general loop: a buffer view, pyOpenSSL's public path, or a failed first try."""
+        ptr = self._ptr
         try:
+            if failed is not None:
+                self._raise_write_error(failed)
             while view:
-                n = send(view)
+                if ptr is not None:
+                    with _o.from_buffer(view) as cdata:
+                        n = _o.SSL_write(ptr, cdata, len(view))
+                    if n <= 0:
+                        self._raise_write_error(n)
+                else:
+                    n = self.ssl.send(view)
                 self.bytes_sent += n
                 view = view[n:]
         except SSL.WantReadError:
@@ -353,6 +427,11 @@ class TLSEngine:
         except SSL.Error as exc:
             raise self._fail(exc) from exc
         return True
+
+    def _raise_write_error(self, result: int) -> None:
+        _o.raise_ssl_error(self.ssl, result)
+        # pyOpenSSL found nothing to raise for a failed SSL_write: do not loop on it.
+        raise SSL.Error([("SSL", "", f"SSL_write returned {result}")])  # pragma: no cover
 
     def retry_deferred(self) -> bool:
         """Retry deferred writes in order.  True when none remain."""
@@ -366,11 +445,14 @@ class TLSEngine:
 
     def data_to_send(self) -> bytes:
         """Drain and return the ciphertext OpenSSL produced (b"" when none)."""
-        n = self.pending_output()
-        if n == 0:
-            return b""
-        if n > 0:
-            return self.ssl.bio_read(n)
+        bio = self._bio
+        if bio is not None:
+            n = _o.BIO_get_mem_data(bio, _o.NULL)
+            if n == 0:
+                return b""
+            buf = _o.new_buffer("char[]", n)
+            got = _o.BIO_read(bio, buf, n)
+            return _o.unpack(buf, got)[:] if got > 0 else b""
         out: list[bytes] = []
         try:
             while True:
@@ -460,11 +542,11 @@ class TLSEngine:
         """
         if self._bio is None:
             return None
-        pp = _ffi.new("char **")
-        n = int(_BIO_get_mem_data(self._bio, pp))
+        pp = _o.new_buffer("char **")
+        n = int(_o.BIO_get_mem_data(self._bio, pp))
         if n < 7:
             return None
-        head = bytes(_ffi.buffer(pp[0], 7))
+        head = bytes(_o.unpack(pp[0], 7))
         if head[0] != _ALERT_RECORD:
             return None
         return ALERT_NAMES.get(head[6], f"alert {head[6]}")
