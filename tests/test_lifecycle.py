@@ -248,7 +248,8 @@ def test_handshake_timer_is_cancelled_once_established(certs: Certs) -> None:
         time.sleep(0.5)
         s.sendall(b"alive")
         assert recv_exactly(s, 5) == b"alive"
-        assert st.open_handles().get("Timer", 0) == 0, "no timer may outlive its step"
+        (conn,) = st.connections
+        assert st.call(lambda: conn._timer) is None, "no timer may outlive its step"
 
 
 def test_idle_timeout(certs: Certs) -> None:
@@ -380,3 +381,27 @@ def test_data_read_while_paused_reaches_the_handler_before_close(certs: Certs) -
         wait_closed(st, h)
     assert bytes(h.data) == b"one two three"
     assert h.reason is None
+
+
+# -- memory -------------------------------------------------------------------
+
+
+def test_idle_connections_get_fresh_bios_and_keep_working(certs: Certs) -> None:
+    """Memory BIOs never shrink; an idle connection that grew them gets new ones (tlsuv.pending)."""
+    with server_thread(certs.server_context()) as st, st.connect(certs) as s:
+        assert recv_exactly(s, 4) == GREETING
+        (conn,) = st.connections
+        tls = conn._tls
+        first = st.call(lambda: (tls._rbio, tls._bio))
+        assert st.call(lambda: tls.wants_compaction), "the handshake flights grew the BIOs"
+        st.wait_for(lambda: not tls.wants_compaction, timeout=5)  # compacted after ~1 s idle
+        assert st.call(lambda: (tls._rbio, tls._bio)) != first
+        # A bulk transfer grows them again; the echo is intact across both swaps.
+        big = os.urandom(3 * 1024 * 1024)
+        s.sendall(big[:65536])
+        assert recv_exactly(s, 65536) == big[:65536]
+        s.sendall(big[65536:])
+        assert recv_exactly(s, len(big) - 65536) == big[65536:]
+        st.wait_for(lambda: not tls.wants_compaction, timeout=5)
+        s.sendall(b"after compaction")
+        assert recv_exactly(s, 16) == b"after compaction"

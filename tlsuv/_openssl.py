@@ -142,6 +142,49 @@ def fast_handles(conn: SSL.Connection) -> tuple[Any, Any, Any] | None:
     return ssl, rbio, wbio
 
 
+_HAVE_SET_MODE: Final = _has("SSL_set_mode", "SSL_MODE_RELEASE_BUFFERS")
+
+
+def release_idle_buffers(conn: SSL.Connection) -> bool:
+    """Let OpenSSL free a connection's record buffers (~34 KiB) whenever they are empty.
+
+    An idle connection then holds only its keys and state.  The price is a
+    malloc/free pair per record on busy connections, far below the AES work.
+    Per connection, because pyOpenSSL forbids changing a Context in use.
+    """
+    if not _HAVE_SET_MODE:
+        return False
+    _lib.SSL_set_mode(_ssl_ptr(conn), _lib.SSL_MODE_RELEASE_BUFFERS)
+    return True
+
+
+_HAVE_SET_BIO: Final = _has("SSL_set_bio", "BIO_new", "BIO_s_mem")
+
+
+def fresh_bios(conn: SSL.Connection) -> tuple[Any, Any] | None:
+    """Give a memory-BIO connection two new, empty BIOs; return ``(incoming, outgoing)``.
+
+    A memory BIO never shrinks: once a 64 KiB read or a 1 MiB write went
+    through it, that capacity stays allocated for the life of the
+    connection.  SSL_set_bio frees the old pair (the SSL owns its BIOs) and
+    tells the record layer; pyOpenSSL's own references are updated so its
+    methods keep working.  The caller guarantees both old BIOs are empty.
+    """
+    if not _HAVE_SET_BIO or getattr(conn, "_into_ssl", None) is None:
+        return None
+    rbio = _lib.BIO_new(_lib.BIO_s_mem())
+    wbio = _lib.BIO_new(_lib.BIO_s_mem())
+    if _ffi.NULL in (rbio, wbio):  # pragma: no cover - out of memory
+        for b in (rbio, wbio):
+            if b != _ffi.NULL:
+                _lib.BIO_free(b)
+        return None
+    _lib.SSL_set_bio(_ssl_ptr(conn), rbio, wbio)
+    conn._into_ssl = rbio
+    conn._from_ssl = wbio
+    return rbio, wbio
+
+
 def raise_ssl_error(conn: SSL.Connection, result: int) -> None:
     """Raise exactly what pyOpenSSL would for this SSL_read/SSL_write result."""
     conn._raise_ssl_error(conn._ssl, result)

@@ -295,6 +295,15 @@ class Connection:
         return self._tls.deferred_bytes + self._unflushed + int(self._tcp.write_queue_size)
 
     @property
+    def activity(self) -> int:
+        """Grows with every byte in or out: how the compaction sweep tells idle from busy."""
+        return self.bytes_in + self.bytes_out
+
+    def _compact(self) -> None:
+        if not self._finished and not self._closing:
+            self._tls.compact()
+
+    @property
     def writing_paused(self) -> bool:
         return self._writing_paused
 
@@ -444,6 +453,8 @@ class Connection:
         # deferred writes possible: the after_io pass takes care of both.
         if tls._deferred or tls.pending_output():
             self._pending.add(self)
+        elif tls._bio_high:  # a big read and nothing to answer (an upload)
+            self._pending.compact_later(self)
         if self._reading_paused:
             self._update_reading()
 
@@ -576,6 +587,8 @@ class Connection:
             self._send(data)
             if self._finished:
                 return
+        if tls._bio_high:
+            self._pending.compact_later(self)
         if (self._writing_paused or self._tls_shutdown_done) and self._tcp.write_queue_size == 0:
             self._after_drain()
 
@@ -660,7 +673,7 @@ class Connection:
         self._finished = True
         self._closing = True
         self._reason = reason
-        self._pending.discard(self)
+        self._pending.forget(self)
         self._held = []
         self._stop_timer()
         if not self._tcp.closed:

@@ -86,6 +86,12 @@ RECV_SIZE: Final = 16384
 # stay below glibc's mmap threshold (128 KiB) so the buffer is cheap.
 BIO_READ_SIZE: Final = 65536
 
+# Memory BIOs keep the largest size they ever held.  Past this many bytes in
+# one go (a handshake flight, a 64 KiB read, a bulk write) the engine asks to
+# be compacted once idle: about the size of the TLS 1.3 handshake flights, so
+# small echo traffic never triggers it and anything bigger is given back.
+COMPACT_MIN: Final = 4096
+
 # SSL_OP_ALLOW_CLIENT_RENEGOTIATION from OpenSSL 3's ssl.h.  pyOpenSSL does not
 # export it by name; without it OpenSSL 3+ refuses a renegotiation the client
 # starts, which is the safe default (renegotiation is a cheap way for a client
@@ -155,6 +161,7 @@ class TLSEngine:
 
     __slots__ = (
         "_bio",
+        "_bio_high",
         "_deferred",
         "_deferred_bytes",
         "_ptr",
@@ -192,7 +199,9 @@ class TLSEngine:
         # Stays True once set: FAILED after a completed handshake is not a failed handshake.
         self.handshake_completed = False
         # Plaintext that OpenSSL could not take yet (it needs to read first).
-        self._deferred: deque[memoryview] = deque()
+        # Made on first use: most connections never defer a write after the
+        # greeting, and an empty deque costs ~600 bytes per connection.
+        self._deferred: deque[memoryview] | None = None
         self._deferred_bytes = 0
         # The raw SSL* and BIOs for the hot path (tlsuv._openssl); None means
         # "use pyOpenSSL's public methods", which behave the same, slower.
@@ -202,6 +211,8 @@ class TLSEngine:
         self._bio: Any = None
         if handles is not None:
             self._ptr, self._rbio, self._bio = handles
+        _o.release_idle_buffers(self.ssl)
+        self._bio_high = False  # a BIO held more than COMPACT_MIN since the last compact()
         self.bytes_received = 0  # plaintext delivered to the owner
         self.bytes_sent = 0  # plaintext accepted by OpenSSL
         # A half-close (Connection.write_eof): after our close_notify the peer's
@@ -286,6 +297,8 @@ class TLSEngine:
         ptr = self._ptr
         rbio = self._rbio
         if data:
+            if len(data) > COMPACT_MIN:
+                self._bio_high = True
             with _o.from_buffer(data) as cdata:
                 if _o.BIO_write(rbio, cdata, len(data)) != len(data):  # pragma: no cover
                     raise self._fail(SSL.Error([("BIO", "", "memory BIO refused input")]))
@@ -342,6 +355,7 @@ class TLSEngine:
         if self.state is State.HANDSHAKING and self.ssl.get_state_string() == _HANDSHAKE_DONE_STATE:
             self._set_state(State.ESTABLISHED)
             self.handshake_completed = True
+            self._bio_high = True  # the handshake flights grew both BIOs
 
     def _peer_close_notify(self) -> None:
         if self.state is State.SHUTDOWN_SENT:
@@ -381,9 +395,10 @@ class TLSEngine:
             raise TLSError(f"cannot write: TLS connection is {self.state.value}")
         if not data:
             return
-        if self._deferred:
+        deferred = self._deferred
+        if deferred:
             view = memoryview(data).cast("B")
-            self._deferred.append(view)
+            deferred.append(view)
             self._deferred_bytes += len(view)
             return
         self._send_or_defer(data)
@@ -421,6 +436,8 @@ class TLSEngine:
                 self.bytes_sent += n
                 view = view[n:]
         except SSL.WantReadError:
+            if self._deferred is None:
+                self._deferred = deque()
             self._deferred.appendleft(view)
             self._deferred_bytes += len(view)
             return False
@@ -450,6 +467,8 @@ class TLSEngine:
             n = _o.BIO_get_mem_data(bio, _o.NULL)
             if n == 0:
                 return b""
+            if n > COMPACT_MIN:
+                self._bio_high = True
             buf = _o.new_buffer("char[]", n)
             got = _o.BIO_read(bio, buf, n)
             return _o.unpack(buf, got)[:] if got > 0 else b""
@@ -463,6 +482,30 @@ class TLSEngine:
         except SSL.WantReadError:
             pass
         return b"".join(out)
+
+    # -- memory ----------------------------------------------------------
+
+    @property
+    def wants_compaction(self) -> bool:
+        """The BIOs grew past COMPACT_MIN; :meth:`compact` would give memory back."""
+        return self._bio_high
+
+    def compact(self) -> bool:
+        """Swap in fresh, empty BIOs if both are empty now.  True if it did.
+
+        Call when the connection is idle: a busy one would only grow new
+        BIOs again.  The owner decides when (tlsuv.pending's compaction).
+        """
+        if not self._bio_high or self._ptr is None or self.state is State.HANDSHAKING:
+            return False
+        if _o.BIO_get_mem_data(self._rbio, _o.NULL) or _o.BIO_get_mem_data(self._bio, _o.NULL):
+            return False
+        fresh = _o.fresh_bios(self.ssl)
+        if fresh is None:
+            return False
+        self._rbio, self._bio = fresh
+        self._bio_high = False
+        return True
 
     # -- control ---------------------------------------------------------
 
@@ -514,7 +557,7 @@ class TLSEngine:
     def _fail(self, exc: SSL.Error) -> TLSError:
         was = self.state
         self.state = State.FAILED  # from any state: the guard is for orderly moves
-        self._deferred.clear()
+        self._deferred = None
         self._deferred_bytes = 0
         reason = describe_openssl_error(exc)
         cls = HandshakeError if was is State.HANDSHAKING else TLSError
