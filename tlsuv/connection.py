@@ -423,6 +423,14 @@ class Connection:
             data = self._on_proxy_data(data)
             if not data:
                 return
+        self._process(data)
+
+    def _process(self, data: bytes, *, in_flush: bool = False) -> None:
+        """Feed ciphertext to TLS (``b""``: just drain) and deliver the plaintext that comes out.
+
+        ``in_flush``: called from the after_io pass, which flushes right after;
+        queueing ourselves again there would spin while TLS waits for input.
+        """
         tls = self._tls
         was_handshaking = tls.state is State.HANDSHAKING
         try:
@@ -451,7 +459,9 @@ class Connection:
             return
         # A read can leave TLS output (handshake, tickets, alerts) or make
         # deferred writes possible: the after_io pass takes care of both.
-        if tls._deferred or tls.pending_output():
+        if in_flush:
+            pass
+        elif tls._deferred or tls.pending_output():
             self._pending.add(self)
         elif tls._bio_high:  # a big read and nothing to answer (an upload)
             self._pending.compact_later(self)
@@ -576,6 +586,13 @@ class Connection:
             try:
                 if tls._deferred:
                     tls.retry_deferred()
+                    # SSL_write during a renegotiation reads handshake records
+                    # itself, and OpenSSL may park application data that came
+                    # with them.  No new bytes may ever arrive to make us call
+                    # SSL_read for it (the peer waits for our answer): drain now.
+                    self._process(b"", in_flush=True)
+                    if self._finished:
+                        return
                 if self._closing and not self._tls_shutdown_done:
                     self._start_tls_shutdown()
             except TLSUVError as exc:

@@ -76,6 +76,20 @@ from . import _openssl as _o
 from ._openssl import verify_failure
 from .errors import CertificateVerifyError, HandshakeError, TLSError, TruncationError
 
+# The hot-path symbols as module globals: one dict lookup per use instead of two.
+_SSL_read: Any = getattr(_o, "SSL_read", None)
+_SSL_write: Any = getattr(_o, "SSL_write", None)
+_SSL_pending: Any = getattr(_o, "SSL_pending", None)
+_SSL_get_error: Any = getattr(_o, "SSL_get_error", None)
+_BIO_write: Any = getattr(_o, "BIO_write", None)
+_BIO_read: Any = getattr(_o, "BIO_read", None)
+_BIO_pending: Any = getattr(_o, "BIO_get_mem_data", None)
+_NULL: Any = getattr(_o, "NULL", None)
+_new_buffer: Any = getattr(_o, "new_buffer", None)
+_unpack: Any = getattr(_o, "unpack", None)
+_WANT_READ: Any = getattr(_o, "ERROR_WANT_READ", None)
+_ZERO_RETURN: Any = getattr(_o, "ERROR_ZERO_RETURN", None)
+
 # OpenSSL hands back at most one TLS record per SSL_read, and a record carries
 # at most 2**14 bytes of plaintext (RFC 8446 section 5.1): asking for more
 # only allocates memory that is never filled.
@@ -251,7 +265,7 @@ class TLSEngine:
         """Bytes of ciphertext waiting in the outgoing BIO (-1 if it cannot be asked)."""
         if self._bio is None:
             return -1
-        return int(_o.BIO_get_mem_data(self._bio, _o.NULL))
+        return int(_BIO_pending(self._bio, _NULL))
 
     @property
     def wants_flush(self) -> bool:
@@ -269,20 +283,22 @@ class TLSEngine:
         the state is ``PEER_CLOSED`` (or ``CLOSED``) and more input is ignored.
         """
         state = self.state
+        if state is State.ESTABLISHED and self._ptr is not None:
+            return self._receive_fast(data, state)  # the common case, nothing else to check
         if state is State.FAILED or state is State.CLOSED or state is State.PEER_CLOSED:
             return []
         if self._ptr is not None:
             chunks = self._receive_fast(data, state)
         else:
             chunks = self._receive_public(data, state)
+            if chunks:
+                self.bytes_received += sum(map(len, chunks))
         if state is State.HANDSHAKING:
             self._check_handshake()
         if state is State.SHUTDOWN_SENT and chunks and not self.read_after_shutdown:
             # Application data after our close_notify is legal (the peer had
             # not seen it yet); drain it so it cannot fill memory, drop it.
             chunks.clear()
-        if chunks:
-            self.bytes_received += sum(map(len, chunks))
         return chunks
 
     def _receive_fast(self, data: bytes, state: State) -> list[bytes]:
@@ -297,25 +313,27 @@ class TLSEngine:
         ptr = self._ptr
         rbio = self._rbio
         if data:
-            if len(data) > COMPACT_MIN:
+            size = len(data)
+            if size > COMPACT_MIN:
                 self._bio_high = True
-            with _o.from_buffer(data) as cdata:
-                if _o.BIO_write(rbio, cdata, len(data)) != len(data):  # pragma: no cover
-                    raise self._fail(SSL.Error([("BIO", "", "memory BIO refused input")]))
+            # cffi hands bytes to a void* parameter without a copy.
+            if _BIO_write(rbio, data, size) != size:  # pragma: no cover - memory BIOs grow
+                raise self._fail(SSL.Error([("BIO", "", "memory BIO refused input")]))
         chunks: list[bytes] = []
-        buf = _o.new_buffer("char[]", RECV_SIZE)
-        read = _o.SSL_read
+        buf = _new_buffer("char[]", RECV_SIZE)
+        total = 0
         while True:
-            n = read(ptr, buf, RECV_SIZE)
+            n = _SSL_read(ptr, buf, RECV_SIZE)
             if n > 0:
-                chunks.append(_o.unpack(buf, n)[:])
-                if _o.SSL_pending(ptr) == 0 and _o.BIO_get_mem_data(rbio, _o.NULL) == 0:
+                chunks.append(_unpack(buf, n)[:])
+                total += n
+                if _SSL_pending(ptr) == 0 and _BIO_pending(rbio, _NULL) == 0:
                     break
                 continue
-            err = _o.SSL_get_error(ptr, n)
-            if err == _o.ERROR_WANT_READ:
+            err = _SSL_get_error(ptr, n)
+            if err == _WANT_READ:
                 break
-            if err == _o.ERROR_ZERO_RETURN:
+            if err == _ZERO_RETURN:
                 self._on_zero_return(state)
                 break
             try:
@@ -325,6 +343,7 @@ class TLSEngine:
             except SSL.Error as exc:
                 raise self._fail(exc) from exc
             raise self._fail(SSL.Error([("SSL", "", f"SSL_read failed ({err})")]))  # pragma: no cover
+        self.bytes_received += total
         return chunks
 
     def _receive_public(self, data: bytes, state: State) -> list[bytes]:
@@ -391,6 +410,19 @@ class TLSEngine:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt ``data`` now, or keep it as a deferred write if OpenSSL must read first."""
+        ptr = self._ptr
+        if ptr is not None and self.state is State.ESTABLISHED and not self._deferred \
+                and type(data) is bytes and data:
+            n = _SSL_write(ptr, data, len(data))  # cffi: bytes to void*, no copy
+            if n == len(data):
+                self.bytes_sent += n
+                return
+            if n > 0:  # pragma: no cover - a memory BIO does not take part of a buffer
+                self.bytes_sent += n
+                self._send_view(memoryview(data)[n:])
+            else:
+                self._send_view(memoryview(data), failed=n)
+            return
         if not self.can_write:
             raise TLSError(f"cannot write: TLS connection is {self.state.value}")
         if not data:
@@ -464,14 +496,14 @@ class TLSEngine:
         """Drain and return the ciphertext OpenSSL produced (b"" when none)."""
         bio = self._bio
         if bio is not None:
-            n = _o.BIO_get_mem_data(bio, _o.NULL)
+            n = _BIO_pending(bio, _NULL)
             if n == 0:
                 return b""
             if n > COMPACT_MIN:
                 self._bio_high = True
-            buf = _o.new_buffer("char[]", n)
-            got = _o.BIO_read(bio, buf, n)
-            return _o.unpack(buf, got)[:] if got > 0 else b""
+            buf = _new_buffer("char[]", n)
+            got = _BIO_read(bio, buf, n)
+            return _unpack(buf, got)[:] if got > 0 else b""
         out: list[bytes] = []
         try:
             while True:
