@@ -140,6 +140,10 @@ def echo_server(certs: Certs) -> ServerThread:
                         options=OPTIONS)
 
 
+def closed_once(h: tlsuv.Handler) -> bool:
+    return isinstance(h, Recorder) and h.closed_count == 1
+
+
 def fresh_client_echo(st: ServerThread, certs: Certs) -> None:
     with st.connect(certs) as s:
         assert recv_exactly(s, 4) == GREETING
@@ -162,7 +166,7 @@ def test_bad_peer(
 ) -> None:
     with echo_server(certs) as st:
         case(st.port, certs)
-        st.wait_for(lambda: len(st.handlers) >= 1 and st.handlers[0].closed_count == 1)  # type: ignore[attr-defined]
+        st.wait_for(lambda: bool(st.handlers) and closed_once(st.handlers[0]))
         bad = st.handlers[0]
         assert isinstance(bad, Recorder)
         if expected is None:

@@ -45,6 +45,7 @@ def py_server(certs: Certs) -> Iterator[PySSLServer]:
 def echo_once(loop: CheckedLoop, port: int, host: str = "127.0.0.1", payload: bytes = b"ping",
               **kwargs: object) -> ClientRecorder:
     h = ClientRecorder(payload, len(GREETING) + len(payload))
+    # Each test passes the keyword arguments of connect() it needs; ** hides their types.
     conn = connect(loop, host, port, lambda c: h, **kwargs)  # type: ignore[arg-type]
     run_loop(loop, [conn])
     return h

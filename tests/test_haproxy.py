@@ -183,6 +183,7 @@ def test_clients_through_haproxy(certs: Certs, tmp_path: Path, send_proxy: str) 
     with contextlib.ExitStack() as stack:
         for _ in range(2):
             seen: list[Seen] = []
+            # The default argument pins this backend's list (late binding would share one).
             st = stack.enter_context(ServerThread(
                 certs.server_context(), factory=lambda conn, seen=seen: Recording(seen), options=options))  # type: ignore[misc]
             backends.append(Backend(st, seen))

@@ -489,6 +489,8 @@ def test_parse_networks_refuses(text: str, match: str) -> None:
 
 
 def test_options_accept_a_string_or_a_list() -> None:
+    # The annotation says networks; callers pass strings and lists anyway, and
+    # ProxyOptions converts them at run time: that conversion is what is tested.
     assert ProxyOptions(allow_from="10.0.0.0/8").allow_from == parse_networks("10.0.0.0/8")  # type: ignore[arg-type]
     as_list = ProxyOptions(allow_from=list(parse_networks("::1")))  # type: ignore[arg-type]
     assert as_list.allow_from == parse_networks("::1")
@@ -497,6 +499,7 @@ def test_options_accept_a_string_or_a_list() -> None:
 
 def test_options_refuse_strings_inside_the_sequence() -> None:
     with pytest.raises(TypeError, match="parse_networks"):
+        # A wrongly typed argument on purpose: the run-time refusal is under test.
         ProxyOptions(allow_from=("10.0.0.0/8",))  # type: ignore[arg-type]
 
 

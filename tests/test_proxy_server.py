@@ -57,6 +57,7 @@ class Watcher(EchoHandler):
 
 
 def options(**proxy: object) -> tlsuv.ConnectionOptions:
+    # Keyword arguments forwarded as-is; mypy cannot see their types through **.
     return tlsuv.ConnectionOptions(proxy=ProxyOptions(**proxy))  # type: ignore[arg-type]
 
 

@@ -334,6 +334,8 @@ class Supervisor:
     def _restore_signals(self) -> None:
         signal.set_wakeup_fd(-1)
         for signum, handler in self._saved_handlers.items():
+            # signal.signal() may have returned None (a handler set from C);
+            # typeshed will not take that back, the runtime does.
             signal.signal(signum, handler)  # type: ignore[arg-type]
         self._saved_handlers.clear()
         if self._wakeup is not None:
