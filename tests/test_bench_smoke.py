@@ -56,6 +56,28 @@ def test_handshakes_are_full_and_greeted(certs: Certs) -> None:
     assert result.verified_bytes >= 20 * len(loadgen.GREETING)
 
 
+def test_lean_tls13_handshakes_against_tlsuv(certs: Certs) -> None:
+    with server_thread(certs.server_context()) as st:
+        t = loadgen.Target("127.0.0.1", st.port, expect_cipher="TLS_AES_128_GCM_SHA256",
+                           pinned_cert=str(certs.cert_file))
+        result = loadgen.run_handshakes(t, concurrency=4, warmup=0.0, duration=UPPER_BOUND,
+                                        max_handshakes=20, engine="tls13")
+        idle = loadgen.open_connections(t, 8, engine="tls13")
+        for s in idle:
+            s.close()
+    assert result.count >= 20
+    assert result.cipher == "TLS_AES_128_GCM_SHA256"
+    assert result.session_ticket  # tlsuv issues tickets as usual; the client never uses them
+
+
+def test_lean_tls13_insists_on_the_expected_certificate(certs: Certs) -> None:
+    with server_thread(certs.server_context()) as st:
+        t = loadgen.Target("127.0.0.1", st.port, pinned_cert=str(certs.ca_file))
+        with pytest.raises(loadgen.VerificationError, match="certificate other than"):
+            loadgen.run_handshakes(t, concurrency=1, warmup=0.0, duration=UPPER_BOUND, max_handshakes=1,
+                                   engine="tls13")
+
+
 class Corrupting(EchoHandler):
     """Echoes with the first byte of every chunk flipped."""
 

@@ -51,6 +51,28 @@ class Echo(asyncio.Protocol):
         self.transport.resume_reading()
 
 
+class PlainEcho(Echo, asyncio.BufferedProtocol):
+    """The plain-TCP echo: the load generator's ceiling, so the leanest asyncio allows.
+
+    A plain ``Protocol`` gets each read as a fresh ``bytes`` from
+    ``sock.recv(256 KiB)``: a 256 KiB allocation per read.  Reading into one
+    buffer shared by all connections avoids that; sharing is safe because
+    ``transport.write`` sends or copies the bytes before returning.
+    (asyncio's TLS transport already reads this way, into a buffer per
+    connection.)
+    """
+
+    __slots__ = ()
+    shared = memoryview(bytearray(256 * 1024))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.shared
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self.transport is not None
+        self.transport.write(self.shared[:nbytes])
+
+
 def server_context(cert: str, key: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # as tlsuv.certs.new_context
@@ -67,7 +89,8 @@ async def serve(host: str, port: int, ctx: ssl.SSLContext | None, label: str) ->
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    server = await loop.create_server(Echo, host, port, ssl=ctx, backlog=BACKLOG)
+    server = await loop.create_server(Echo if ctx is not None else PlainEcho, host, port, ssl=ctx,
+                                      backlog=BACKLOG)
     bound = server.sockets[0].getsockname()
     print(f"{label} echo server listening on {bound[0]}:{bound[1]} "
           f"({type(loop).__module__}.{type(loop).__name__})", flush=True)

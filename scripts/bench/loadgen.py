@@ -1,7 +1,8 @@
 """The load generator's core: echo clients that verify every byte they get back.
 
-Standard library only (``ssl``, ``select.epoll``, ``socket``), so the smoke
-test imports it without the bench extra.  One process drives all of a
+Standard library (``ssl``, ``select.epoll``, ``socket``) plus tls13.py's use
+of ``cryptography`` (a tlsuv dependency), so the smoke test imports it
+without the bench extra.  One process drives all of a
 measurement's connections from one level-triggered epoll loop over
 non-blocking sockets (``ssl.SSLSocket`` for TLS): the load generator has one
 core to itself, and on one core more processes would only add context
@@ -12,9 +13,8 @@ Verification:
 
 * ping-pong: each message is one of a rotating set of random payloads (a
   prime number of them, so neighbouring messages always differ); the echo
-  must be exactly that payload -- no byte more (checked on the next message
-  for plain TCP, at once through ``SSLSocket.pending`` for TLS), none less,
-  none changed.
+  must be exactly that payload -- no byte more (an extra byte would start
+  the next message's echo), none less, none changed.
 * streaming: the bytes sent are an endless repetition of a random pattern
   whose length is not a multiple of the write size, and every byte received
   is compared with the pattern at its stream offset.
@@ -40,7 +40,11 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
+
+from cryptography.exceptions import InvalidTag
+
+from . import tls13
 
 GREETING: Final = b"OK\r\n"
 EXPECTED_CIPHER: Final = "TLS_AES_128_GCM_SHA256"
@@ -86,6 +90,8 @@ class Target:
     server_hostname: str = "localhost"
     expect_cipher: str | None = EXPECTED_CIPHER
     server_pid: int | None = None  # for CPU accounting; None: not measured
+    server_core: int | None = None  # the CPU the server is pinned to, to see who else used it
+    pinned_cert: str | None = None  # PEM file: the tls13 client insists on exactly this certificate
 
 
 @dataclass
@@ -105,6 +111,10 @@ class Result:
     tls_version: str | None = None
     cipher: str | None = None
     session_ticket: bool | None = None  # did the server issue a TLS session ticket
+    # CPU seconds other processes took on the server's and on our core during
+    # the window: how disturbed this measurement was on a shared machine.
+    others_server_core: float | None = None
+    others_client_core: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -126,6 +136,23 @@ def proc_rss_bytes(pid: int) -> int:
             if line.startswith(b"VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise BenchError(f"no VmRSS for process {pid}")
+
+
+def cpu_busy_seconds(cpus: tuple[int, ...]) -> dict[int, float]:
+    """Per CPU: time spent running tasks (user, nice, system) or stolen by the hypervisor.
+
+    Interrupt and softirq time are left out: on loopback much of it is the
+    benchmark's own packets.
+    """
+    wanted = {f"cpu{c}".encode(): c for c in cpus}
+    out: dict[int, float] = {}
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if fields and fields[0] in wanted:
+                user, nice, system, steal = (int(fields[i]) for i in (1, 2, 3, 8))
+                out[wanted[fields[0]]] = (user + nice + system + steal) / _CLK_TCK
+    return out
 
 
 def raise_nofile_limit() -> int:
@@ -214,7 +241,11 @@ def _close_rst(sock: socket.socket) -> None:
 
 # -- connecting ---------------------------------------------------------------
 
-_CONNECTING, _HANDSHAKING, _GREETING = range(3)
+_CONNECTING, _HANDSHAKING, _GREETING, _RAW_TLS = range(4)
+
+# How a Dial speaks TLS: Python's ssl (an SSLSocket, for connections that then
+# carry data), the lean handshake-only client of tls13.py, or nothing (plain TCP).
+ClientTLS = ssl.SSLContext | tls13.ClientConfig | None
 
 
 class Dial:
@@ -224,9 +255,10 @@ class Dial:
     still registered with the reactor, and the callback takes it over.
     """
 
-    __slots__ = ("_ctx", "_got", "_on_ready", "_reactor", "_state", "_target", "fd", "sock")
+    __slots__ = ("_ctx", "_got", "_hs", "_on_ready", "_reactor", "_state", "_target", "fd", "session_ticket",
+                 "sock")
 
-    def __init__(self, reactor: Reactor, target: Target, ctx: ssl.SSLContext | None,
+    def __init__(self, reactor: Reactor, target: Target, ctx: ClientTLS,
                  on_ready: Callable[[Dial], None]) -> None:
         raw = socket.socket(socket.AF_INET6 if ":" in target.host else socket.AF_INET, socket.SOCK_STREAM)
         raw.setblocking(False)
@@ -244,6 +276,8 @@ class Dial:
         self._on_ready = on_ready
         self._state = _CONNECTING
         self._got = b""
+        self._hs: tls13.ClientHandshake | None = None
+        self.session_ticket: bool | None = None
         reactor.watch(self.fd, self, _WRITE_EVENTS)
 
     def on_event(self, events: int) -> None:
@@ -253,10 +287,19 @@ class Dial:
                 raise BenchError(f"connect to {self._target.host}:{self._target.port}: {os.strerror(err)}")
             if self._ctx is None:
                 self._state = _GREETING
+            elif isinstance(self._ctx, tls13.ClientConfig):
+                self._hs = tls13.ClientHandshake(self._ctx)
+                self._send_all(self._hs.start())
+                self._state = _RAW_TLS
+                self._reactor.watch(self.fd, self, _READ_EVENTS)
+                return
             else:
                 self.sock = self._ctx.wrap_socket(
                     self.sock, server_hostname=self._target.server_hostname, do_handshake_on_connect=False)
                 self._state = _HANDSHAKING
+        if self._state == _RAW_TLS:
+            self._raw_tls()
+            return
         if self._state == _HANDSHAKING:
             assert isinstance(self.sock, ssl.SSLSocket)
             try:
@@ -288,6 +331,38 @@ class Dial:
             raise VerificationError("bytes after the greeting that nobody sent")
         self._on_ready(self)
 
+    def _raw_tls(self) -> None:
+        hs = self._hs
+        assert hs is not None
+        while len(hs.plaintext) < len(GREETING):
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                raise BenchError(f"TLS handshake failed: {exc}") from exc
+            if not data:
+                raise BenchError(f"server closed the connection during the handshake ({hs.state})")
+            try:
+                reply = hs.receive(data)
+            except (tls13.TLS13Error, InvalidTag) as exc:
+                raise VerificationError(f"TLS handshake: {exc!r}") from exc
+            if reply:
+                self._send_all(reply)
+        if bytes(hs.plaintext) != GREETING:
+            raise VerificationError(f"greeting {bytes(hs.plaintext)!r}, expected {GREETING!r}")
+        self.session_ticket = hs.session_ticket
+        self._on_ready(self)
+
+    def _send_all(self, data: bytes) -> None:
+        # A few hundred bytes into a fresh socket's empty send buffer: all or an error.
+        try:
+            sent = self.sock.send(data)
+        except OSError as exc:
+            raise BenchError(f"send failed during the handshake: {exc}") from exc
+        if sent != len(data):
+            raise BenchError(f"only {sent} of {len(data)} handshake bytes were sent")
+
 
 def check_tls(sock: ssl.SSLSocket, target: Target) -> None:
     """A full handshake (no resumption) on the expected cipher."""
@@ -299,16 +374,33 @@ def check_tls(sock: ssl.SSLSocket, target: Target) -> None:
             raise VerificationError(f"negotiated {cipher}, expected {target.expect_cipher}")
 
 
-def open_connections(target: Target, n: int, concurrency: int = 16, timeout: float = 120.0,
-                     reactor: Reactor | None = None) -> list[socket.socket]:
+def client_tls(target: Target, engine: str) -> ClientTLS:
+    """``ssl``: Python's ssl module; ``tls13``: the handshake-only client of tls13.py."""
+    if not target.tls:
+        return None
+    if engine == "ssl":
+        return client_context(target)
+    if engine == "tls13":
+        der = None
+        if target.pinned_cert is not None:
+            with open(target.pinned_cert) as f:
+                der = ssl.PEM_cert_to_DER_cert(f.read())
+        return tls13.ClientConfig(target.server_hostname, der)
+    raise ValueError(f"unknown TLS engine {engine!r}")
+
+
+def open_connections(target: Target, n: int, *, concurrency: int = 16, timeout: float = 120.0,
+                     reactor: Reactor | None = None, engine: str = "ssl") -> list[socket.socket]:
     """Open ``n`` connections, at most ``concurrency`` being set up at once.
 
     Each has finished its handshake and its greeting was verified.  The
-    sockets are left unregistered from ``reactor``.
+    sockets are left unregistered from ``reactor``.  With ``engine="tls13"``
+    they are raw sockets whose TLS session nobody can use: fine for idle
+    connections, not for data.
     """
     own = reactor is None
     r = reactor or Reactor()
-    ctx = client_context(target)
+    ctx = client_tls(target, engine)
     ready: list[socket.socket] = []
     started = 0
 
@@ -365,7 +457,10 @@ def _measure(reactor: Reactor, counters: _Counters, target: Target, result: Resu
     start = time.monotonic()
     reactor.run(start + warmup, done)
     pid = target.server_pid
+    mine = os.sched_getaffinity(0)
+    cores = tuple(c for c in (target.server_core, *mine) if c is not None) if len(mine) == 1 else ()
     c0, b0 = counters.count, counters.nbytes
+    busy0 = cpu_busy_seconds(cores)
     srv0 = proc_cpu_seconds(pid) if pid is not None else 0.0
     cli0 = time.process_time()
     t0 = time.monotonic()
@@ -376,6 +471,14 @@ def _measure(reactor: Reactor, counters: _Counters, target: Target, result: Resu
     result.client_cpu = time.process_time() - cli0
     if pid is not None:
         result.server_cpu = proc_cpu_seconds(pid) - srv0
+    if cores:
+        busy1 = cpu_busy_seconds(cores)
+        used = {c: busy1[c] - busy0[c] for c in cores}
+        if target.server_core is not None and result.server_cpu is not None:
+            result.others_server_core = max(0.0, used[target.server_core] - result.server_cpu)
+        (client_core,) = mine
+        if client_core != target.server_core:
+            result.others_client_core = max(0.0, used[client_core] - result.client_cpu)
     result.elapsed = t1 - t0
     result.count = counters.count - c0
     result.nbytes = counters.nbytes - b0
@@ -408,7 +511,7 @@ class _PingPong:
     """One connection sending a message, waiting for its whole echo, and repeating."""
 
     __slots__ = ("_buf", "_counters", "_got", "_i", "_msg", "_off", "_payloads", "_reactor", "_size",
-                 "_ssl", "_t0", "_view", "fd", "sock")
+                 "_sslobj", "_t0", "_view", "fd", "sock")
 
     def __init__(self, reactor: Reactor, sock: socket.socket, payloads: list[bytes],
                  counters: _Counters, start: int) -> None:
@@ -420,7 +523,7 @@ class _PingPong:
         self._size = len(payloads[0])
         self._buf = bytearray(self._size)
         self._view = memoryview(self._buf)
-        self._ssl = sock if isinstance(sock, ssl.SSLSocket) else None
+        self._sslobj = _sslobj(sock)
         self._i = start
         self._msg = payloads[0]
         self._got = 0
@@ -440,8 +543,9 @@ class _PingPong:
 
     def _send(self) -> None:
         msg = self._msg
+        data = msg if self._off == 0 else memoryview(msg)[self._off:]
         try:
-            sent = self.sock.send(msg if self._off == 0 else memoryview(msg)[self._off:])
+            sent = self._sslobj.write(data) if self._sslobj is not None else self.sock.send(data)
         except _WOULD_BLOCK_WRITE:
             self._reactor.watch(self.fd, self, _READ_EVENTS | EPOLLOUT)
             return
@@ -460,10 +564,14 @@ class _PingPong:
         size = self._size
         got = self._got
         sock = self.sock
+        sslobj = self._sslobj
         view = self._view
         while got < size:
             try:
-                n = sock.recv_into(view[got:], size - got)
+                if sslobj is not None:
+                    n = sslobj.read(size - got, view[got:])
+                else:
+                    n = sock.recv_into(view[got:], size - got)
             except _WOULD_BLOCK_READ:
                 self._got = got
                 return
@@ -474,8 +582,6 @@ class _PingPong:
             got += n
         if self._buf != self._msg:
             raise VerificationError(_mismatch(self._buf, self._msg, f"message {self._i}"))
-        if self._ssl is not None and self._ssl.pending():
-            raise VerificationError(f"message {self._i}: more bytes came back than were sent")
         c = self._counters
         c.count += 1
         c.nbytes += size
@@ -483,6 +589,18 @@ class _PingPong:
         if c.measuring:
             c.latencies.append(time.perf_counter_ns() - self._t0)
         self._next()
+
+
+def _sslobj(sock: socket.socket) -> Any:
+    """The C object behind an SSLSocket, or None for a plain socket.
+
+    Calling its ``read`` and ``write`` directly skips ``ssl.SSLSocket``'s
+    Python wrappers: a few µs per message, a large share of what the load
+    generator may spend per message before it, not the server, sets the pace.
+    """
+    if isinstance(sock, ssl.SSLSocket):
+        return vars(sock)["_sslobj"]
+    return None
 
 
 def make_payloads(size: int, seed: int = 1) -> list[bytes]:
@@ -523,7 +641,7 @@ class _Stream:
     """One connection writing ``chunk``-byte slices of the pattern as fast as the echo allows."""
 
     __slots__ = ("_chunk", "_counters", "_pat", "_period", "_rbuf", "_reactor", "_received",
-                 "_rview", "_sent", "_want_write", "fd", "sock")
+                 "_rview", "_sent", "_sslobj", "_want_write", "fd", "sock")
 
     def __init__(self, reactor: Reactor, sock: socket.socket, pattern: bytes, *, chunk: int,
                  counters: _Counters, offset: int) -> None:
@@ -541,6 +659,7 @@ class _Stream:
         # connections' data fails verification.
         self._sent = offset
         self._received = offset
+        self._sslobj = _sslobj(sock)
         self._want_write = False
         reactor.watch(self.fd, self, _READ_EVENTS)
 
@@ -551,8 +670,9 @@ class _Stream:
         period = self._period
         while self._sent - self._received < STREAM_WINDOW:
             o = self._sent % period
+            data = self._pat[o:o + self._chunk]
             try:
-                n = self.sock.send(self._pat[o:o + self._chunk])
+                n = self._sslobj.write(data) if self._sslobj is not None else self.sock.send(data)
             except _WOULD_BLOCK_WRITE:
                 self._set_want_write(True)
                 return
@@ -581,10 +701,12 @@ class _Stream:
         period = self._period
         c = self._counters
         received = self._received
+        sslobj = self._sslobj
+        size = len(rview)
         try:
             while True:
                 try:
-                    n = sock.recv_into(rview)
+                    n = sslobj.read(size, rview) if sslobj is not None else sock.recv_into(rview)
                 except _WOULD_BLOCK_READ:
                     return
                 except OSError as exc:
@@ -595,8 +717,8 @@ class _Stream:
                     raise VerificationError(f"more bytes came back ({received + n}) than were sent "
                                             f"({self._sent})")
                 o = received % period
-                # bytearray and bytes slices compare with memcmp; memoryviews do not.
-                if rbuf[:n] != pat[o:o + n].tobytes():
+                # startswith compares with memcmp and copies nothing (memoryview == goes byte by byte).
+                if not rbuf.startswith(pat[o:o + n]):
                     raise VerificationError(_mismatch(rbuf[:n], pat[o:o + n], f"stream offset {received}"))
                 received += n
                 c.nbytes += n
@@ -633,14 +755,16 @@ def run_stream(target: Target, *, conns: int, chunk: int, warmup: float, duratio
 
 
 def run_handshakes(target: Target, *, concurrency: int, warmup: float, duration: float,
-                   max_handshakes: int | None = None) -> Result:
+                   max_handshakes: int | None = None, engine: str = "ssl") -> Result:
     """``concurrency`` clients each connecting, handshaking, reading the greeting, closing, again.
 
-    Every handshake is a full one: no session is offered, and resumption is
-    checked for.  Closing is an RST, so no client port waits in TIME_WAIT.
+    Every handshake is a full one: no session is offered (and with ``ssl``,
+    resumption is checked for).  Closing is an RST, so no client port waits in
+    TIME_WAIT.  ``engine="tls13"`` uses tls13.py's client, which costs the
+    load generator a fraction of what ``ssl`` does.
     """
     r = Reactor()
-    ctx = client_context(target)
+    ctx = client_tls(target, engine)
     counters = _Counters()
     result = Result("handshake", concurrency, 0.0)
     stopping = False
@@ -649,8 +773,15 @@ def run_handshakes(target: Target, *, concurrency: int, warmup: float, duration:
     def on_ready(d: Dial) -> None:
         r.forget(d.fd)
         del live[d.fd]
-        if result.cipher is None and result.tls_version is None:
-            result.tls_version, result.cipher, result.session_ticket = describe([d.sock])
+        if result.tls_version is None and target.tls:
+            if isinstance(ctx, tls13.ClientConfig):
+                result.tls_version, result.cipher, result.session_ticket = (
+                    "TLSv1.3", tls13.CIPHER_NAME, d.session_ticket)
+                if target.expect_cipher not in (None, tls13.CIPHER_NAME):
+                    raise VerificationError(
+                        f"negotiated {tls13.CIPHER_NAME}, expected {target.expect_cipher}")
+            else:
+                result.tls_version, result.cipher, result.session_ticket = describe([d.sock])
         _close_rst(d.sock)
         counters.count += 1
         counters.verified += len(GREETING)

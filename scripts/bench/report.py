@@ -34,8 +34,14 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
     Metric("idle_setup_s", "s to open the idle conns", "lower"),
     Metric("srv_pct", "server CPU %", "lower"),
     Metric("cli_pct", "load generator CPU %", "lower"),
+    Metric("oth_srv_pct", "other processes' CPU % on the server core", "lower"),
+    Metric("oth_cli_pct", "other processes' CPU % on the load generator core", "lower"),
 )}
-CPU_ROW = "cpu_pct"  # a pseudo-row: "server % / load generator %", no ratio
+# Pseudo-rows, two figures in one cell and no ratio: "server % / load generator %",
+# and the same for what other processes took from those two cores.
+CPU_ROW = "cpu_pct"
+OTHERS_ROW = "others_pct"
+_PAIRS = {CPU_ROW: ("srv_pct", "cli_pct"), OTHERS_ROW: ("oth_srv_pct", "oth_cli_pct")}
 
 
 def _per_s(n: float, res: Result) -> float:
@@ -50,8 +56,11 @@ def _cpu_per(res: Result, units: float, scale: float) -> float:
 
 def _shares(res: Result, prefix: str = "") -> dict[str, float]:
     out = {f"{prefix}cli_pct": 100 * res.client_cpu / res.elapsed if res.elapsed > 0 else float("nan")}
-    if res.server_cpu is not None and res.elapsed > 0:
-        out[f"{prefix}srv_pct"] = 100 * res.server_cpu / res.elapsed
+    if res.elapsed > 0:
+        for key, seconds in (("srv_pct", res.server_cpu), ("oth_srv_pct", res.others_server_core),
+                             ("oth_cli_pct", res.others_client_core)):
+            if seconds is not None:
+                out[f"{prefix}{key}"] = 100 * seconds / res.elapsed
     return out
 
 
@@ -99,8 +108,8 @@ def fmt(value: float | None) -> str:
 
 
 def cell(key: str, figures: Mapping[str, float], baseline: Mapping[str, float] | None) -> str:
-    if key == CPU_ROW:
-        srv, cli = figures.get("srv_pct"), figures.get("cli_pct")
+    if key in _PAIRS:
+        srv, cli = (figures.get(k) for k in _PAIRS[key])
         if srv is None and cli is None:
             return "-"
         return f"{fmt(srv)} / {fmt(cli)}"
@@ -117,6 +126,8 @@ def cell(key: str, figures: Mapping[str, float], baseline: Mapping[str, float] |
 def row_label(key: str) -> str:
     if key == CPU_ROW:
         return "CPU % server / load gen"
+    if key == OTHERS_ROW:
+        return "others' CPU % on those cores"
     m = METRICS[key]
     return f"{m.label} {'↑' if m.better == 'higher' else '↓'}"
 
@@ -177,7 +188,7 @@ def ceiling_checks(
     for skey, title, rows in scenarios:
         per_server = summary.get(skey, {})
         for key in rows:
-            if key == CPU_ROW or not METRICS[key].throughput:
+            if key in _PAIRS or not METRICS[key].throughput:
                 continue
             p = per_server.get(plain, {}).get(key)
             best = max(((per_server.get(s, {}).get(key), s) for s in tls_servers

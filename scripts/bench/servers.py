@@ -62,6 +62,15 @@ SERVERS: tuple[ServerSpec, ...] = (
 )
 BASELINE = "uvloop"  # every figure is also shown as a ratio to this server's
 
+# asyncio's and uvloop's TLS transports hand a plain Protocol each read as
+# SSLObject.read(256 KiB): a 256 KiB allocation, shrunk and freed.  With
+# glibc's default (adaptive) thresholds that memory goes back to the kernel
+# and is faulted in again, read after read: uvloop then spends ~40 µs per
+# 64 B message instead of ~13.  Fixed thresholds, the same for every server,
+# measure the servers rather than that interaction (--default-malloc keeps
+# glibc's defaults).
+STEADY_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_MMAP_THRESHOLD_": str(64 << 20)}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -73,13 +82,15 @@ class RunningServer:
     """A server process for one measurement: ``with RunningServer(...) as srv: ... srv.pid``."""
 
     def __init__(self, spec: ServerSpec, *, cert: Path, key: Path, log: Path, cpu: int | None,
-                 ready_timeout: float = 30.0) -> None:
+                 steady_malloc: bool = True, ready_timeout: float = 30.0) -> None:
         self.spec = spec
         self.port = free_port()
         self.log = log
         env = dict(os.environ)
         # The clients' OpenSSL configuration is not the servers' business.
         env.pop("OPENSSL_CONF", None)
+        if steady_malloc:
+            env.update(STEADY_MALLOC)
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 spec.argv(self.port, cert, key), stdin=subprocess.DEVNULL, stdout=out,

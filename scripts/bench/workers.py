@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from . import loadgen
+from . import loadgen, tls13
 from .loadgen import BenchError, Target
 
 _SPAWN = multiprocessing.get_context("spawn")
@@ -83,14 +83,20 @@ class IdleInfo:
     cipher: str | None
 
 
-def _idle_main(target: Target, count: int, concurrency: int, max_hold: float, *, cpu: int | None,
-               conn: Connection) -> None:
+def _idle_main(target: Target, count: int, concurrency: int, max_hold: float, *, engine: str,
+               cpu: int | None, conn: Connection) -> None:
     socks: list[socket.socket] = []
     try:
         _prepare(cpu)
         t0 = time.monotonic()
-        socks = loadgen.open_connections(target, count, concurrency=concurrency, timeout=max_hold)
-        version, cipher, _ = loadgen.describe(socks)
+        socks = loadgen.open_connections(target, count, concurrency=concurrency, timeout=max_hold,
+                                         engine=engine)
+        version: str | None
+        cipher: str | None
+        if engine == "tls13" and target.tls:
+            version, cipher = "TLSv1.3", tls13.CIPHER_NAME
+        else:
+            version, cipher, _ = loadgen.describe(socks)
         conn.send(("ready", IdleInfo(len(socks), time.monotonic() - t0, version, cipher)))
         conn.poll(max_hold)  # the parent says when; never longer than max_hold
         alive = sum(_still_open(s) for s in socks)
@@ -119,12 +125,12 @@ class IdleHolder:
     """A process holding ``count`` established, silent connections until :meth:`stop`."""
 
     def __init__(self, target: Target, count: int, *, concurrency: int, max_hold: float,
-                 cpu: int | None) -> None:
+                 cpu: int | None, engine: str = "ssl") -> None:
         self.count = count
         self._parent, child = _SPAWN.Pipe(duplex=True)
         self._proc = _SPAWN.Process(target=_idle_main, name="loadgen-idle",
                                     args=(target, count, concurrency, max_hold),
-                                    kwargs={"cpu": cpu, "conn": child})
+                                    kwargs={"engine": engine, "cpu": cpu, "conn": child})
         self._proc.start()
         child.close()
 
