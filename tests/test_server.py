@@ -36,7 +36,7 @@ def test_python_ssl_client_both_versions(certs: Certs, version: ssl.TLSVersion) 
     with server_thread(certs.server_context()) as st, \
             st.connect(certs, minimum_version=version, maximum_version=version) as s:
         assert recv_exactly(s, 4) == GREETING
-        assert s.version() == version.name.replace("_", ".").replace("TLSv1.", "TLSv1.")
+        assert s.version() == version.name.replace("_", ".")  # TLSv1_3 -> TLSv1.3
         for size in (1, 100, 16384, 16385, 100_000):
             data = os.urandom(size)
             s.sendall(data)
