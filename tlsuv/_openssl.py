@@ -126,7 +126,7 @@ if FAST_IO:
     # Uninitialised buffers: OpenSSL overwrites what it returns, and zeroing
     # 16 KiB per read would be pure waste (pyOpenSSL does the same).
     new_buffer = _ffi.new_allocator(should_clear_after_alloc=False)
-    unpack = _ffi.buffer
+    unpack = _ffi.unpack  # char* and a length to bytes, in one call
     from_buffer = _ffi.from_buffer
 
 

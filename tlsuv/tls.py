@@ -67,7 +67,9 @@ exception at the point it happens rather than as a corrupted stream later.
 from __future__ import annotations
 
 import enum
+import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Final
 
 from OpenSSL import SSL
@@ -86,7 +88,13 @@ _BIO_read: Any = getattr(_o, "BIO_read", None)
 _BIO_pending: Any = getattr(_o, "BIO_get_mem_data", None)
 _NULL: Any = getattr(_o, "NULL", None)
 _new_buffer: Any = getattr(_o, "new_buffer", None)
-_unpack: Any = getattr(_o, "unpack", None)
+
+
+def _no_direct_path(ptr: Any, size: int) -> bytes:  # pragma: no cover - only without FAST_IO
+    raise RuntimeError("the direct OpenSSL path is not available")
+
+
+_unpack: Callable[[Any, int], bytes] = getattr(_o, "unpack", None) or _no_direct_path
 _WANT_READ: Any = getattr(_o, "ERROR_WANT_READ", None)
 _ZERO_RETURN: Any = getattr(_o, "ERROR_ZERO_RETURN", None)
 
@@ -130,6 +138,23 @@ ALERT_NAMES: Final[dict[int, str]] = {
 _ALERT_RECORD: Final = 21  # TLS record content type of a plaintext alert
 
 
+class _Scratch(threading.local):
+    """One RECV_SIZE buffer per thread for SSL_read and BIO_read.
+
+    Allocating it per call cost more than decrypting a small record.  It
+    cannot be one module-wide buffer: cffi releases the GIL around every
+    OpenSSL call, so engines in two threads would read into it at once.
+    Plaintext and ciphertext are copied out of it (``ffi.unpack``) before
+    any other engine call can run in this thread.
+    """
+
+    def __init__(self) -> None:
+        self.buf: Any = _new_buffer("char[]", RECV_SIZE) if _new_buffer is not None else None
+
+
+_scratch = _Scratch()
+
+
 class State(enum.Enum):
     HANDSHAKING = "handshaking"
     ESTABLISHED = "established"
@@ -139,13 +164,26 @@ class State(enum.Enum):
     FAILED = "failed"  # a fatal TLS error or truncation; only the alert is left
 
 
+# Python 3.11's EnumType defines __getattr__, which sends every ``State.X``
+# lookup down CPython's slow attribute path: ~75 ns each, several times per
+# message (8 % of the server's instructions in the 64-connection ping-pong,
+# counted with scripts/micro/callgrind.py).  Code on the data path compares
+# against these module constants instead; they are the same objects.
+HANDSHAKING: Final = State.HANDSHAKING
+ESTABLISHED: Final = State.ESTABLISHED
+SHUTDOWN_SENT: Final = State.SHUTDOWN_SENT
+PEER_CLOSED: Final = State.PEER_CLOSED
+CLOSED: Final = State.CLOSED
+FAILED: Final = State.FAILED
+
+
 _TRANSITIONS: Final[dict[State, frozenset[State]]] = {
-    State.HANDSHAKING: frozenset({State.ESTABLISHED, State.FAILED}),
-    State.ESTABLISHED: frozenset({State.SHUTDOWN_SENT, State.PEER_CLOSED, State.FAILED}),
-    State.SHUTDOWN_SENT: frozenset({State.CLOSED, State.FAILED}),
-    State.PEER_CLOSED: frozenset({State.CLOSED, State.FAILED}),
-    State.CLOSED: frozenset(),
-    State.FAILED: frozenset(),
+    HANDSHAKING: frozenset({ESTABLISHED, FAILED}),
+    ESTABLISHED: frozenset({SHUTDOWN_SENT, PEER_CLOSED, FAILED}),
+    SHUTDOWN_SENT: frozenset({CLOSED, FAILED}),
+    PEER_CLOSED: frozenset({CLOSED, FAILED}),
+    CLOSED: frozenset(),
+    FAILED: frozenset(),
 }
 
 
@@ -209,7 +247,7 @@ class TLSEngine:
             if server_hostname:
                 self.ssl.set_tlsext_host_name(server_hostname.encode("idna"))
             self.ssl.set_connect_state()
-        self.state = State.HANDSHAKING
+        self.state = HANDSHAKING
         # Stays True once set: FAILED after a completed handshake is not a failed handshake.
         self.handshake_completed = False
         # Plaintext that OpenSSL could not take yet (it needs to read first).
@@ -243,14 +281,14 @@ class TLSEngine:
     @property
     def established(self) -> bool:
         """The first handshake has completed (and the engine has not failed)."""
-        return self.state is not State.HANDSHAKING and self.state is not State.FAILED
+        return self.state is not HANDSHAKING and self.state is not FAILED
 
     @property
     def can_write(self) -> bool:
         # PEER_CLOSED too: the peer's close_notify only ends its direction, and
         # a handler answering the last bytes before it must be able to.
         state = self.state
-        return state is State.ESTABLISHED or state is State.HANDSHAKING or state is State.PEER_CLOSED
+        return state is ESTABLISHED or state is HANDSHAKING or state is PEER_CLOSED
 
     @property
     def deferred_bytes(self) -> int:
@@ -283,67 +321,62 @@ class TLSEngine:
         the state is ``PEER_CLOSED`` (or ``CLOSED``) and more input is ignored.
         """
         state = self.state
-        if state is State.ESTABLISHED and self._ptr is not None:
-            return self._receive_fast(data, state)  # the common case, nothing else to check
-        if state is State.FAILED or state is State.CLOSED or state is State.PEER_CLOSED:
+        if state is not ESTABLISHED and (state is FAILED or state is CLOSED or state is PEER_CLOSED):
             return []
-        if self._ptr is not None:
-            chunks = self._receive_fast(data, state)
-        else:
+        ptr = self._ptr
+        if ptr is None:
             chunks = self._receive_public(data, state)
             if chunks:
                 self.bytes_received += sum(map(len, chunks))
-        if state is State.HANDSHAKING:
+        else:
+            # The direct path, one body for every state so that the common
+            # case (ESTABLISHED) is a single Python call.  No exception in the
+            # common case: after a successful read, nothing more can come out
+            # of OpenSSL unless unread records wait in the incoming BIO (memory
+            # BIOs give OpenSSL exactly one record at a time: read-ahead is
+            # off) or the record did not fit the buffer (SSL_pending) -- which
+            # a RECV_SIZE buffer rules out unless it came back full.
+            rbio = self._rbio
+            if data:
+                size = len(data)
+                if size > COMPACT_MIN:
+                    self._bio_high = True
+                # cffi hands bytes to a void* parameter without a copy.
+                if _BIO_write(rbio, data, size) != size:  # pragma: no cover - memory BIOs grow
+                    raise self._fail(SSL.Error([("BIO", "", "memory BIO refused input")]))
+            chunks = []
+            buf = _scratch.buf
+            total = 0
+            while True:
+                n = _SSL_read(ptr, buf, RECV_SIZE)
+                if n > 0:
+                    chunks.append(_unpack(buf, n))
+                    total += n
+                    if _BIO_pending(rbio, _NULL) == 0 and (n < RECV_SIZE or _SSL_pending(ptr) == 0):
+                        break
+                    continue
+                err = _SSL_get_error(ptr, n)
+                if err == _WANT_READ:
+                    break
+                if err == _ZERO_RETURN:
+                    self._on_zero_return(state)
+                    break
+                try:
+                    _o.raise_ssl_error(self.ssl, n)
+                except SSL.WantReadError:  # pragma: no cover - SSL_get_error said otherwise
+                    break
+                except SSL.Error as exc:
+                    raise self._fail(exc) from exc
+                raise self._fail(SSL.Error([("SSL", "", f"SSL_read failed ({err})")]))  # pragma: no cover
+            self.bytes_received += total
+            if state is ESTABLISHED:
+                return chunks
+        if state is HANDSHAKING:
             self._check_handshake()
-        if state is State.SHUTDOWN_SENT and chunks and not self.read_after_shutdown:
+        if state is SHUTDOWN_SENT and chunks and not self.read_after_shutdown:
             # Application data after our close_notify is legal (the peer had
             # not seen it yet); drain it so it cannot fill memory, drop it.
             chunks.clear()
-        return chunks
-
-    def _receive_fast(self, data: bytes, state: State) -> list[bytes]:
-        """SSL_read until the input is used up, without an exception in the common case.
-
-        After a successful read, nothing more can come out of OpenSSL unless
-        it still holds plaintext of that record (SSL_pending) or unread
-        records wait in the incoming BIO: memory BIOs hand OpenSSL exactly
-        the bytes of one record at a time (read-ahead is off), so when both
-        are empty the next SSL_read could only say WANT_READ.
-        """
-        ptr = self._ptr
-        rbio = self._rbio
-        if data:
-            size = len(data)
-            if size > COMPACT_MIN:
-                self._bio_high = True
-            # cffi hands bytes to a void* parameter without a copy.
-            if _BIO_write(rbio, data, size) != size:  # pragma: no cover - memory BIOs grow
-                raise self._fail(SSL.Error([("BIO", "", "memory BIO refused input")]))
-        chunks: list[bytes] = []
-        buf = _new_buffer("char[]", RECV_SIZE)
-        total = 0
-        while True:
-            n = _SSL_read(ptr, buf, RECV_SIZE)
-            if n > 0:
-                chunks.append(_unpack(buf, n)[:])
-                total += n
-                if _SSL_pending(ptr) == 0 and _BIO_pending(rbio, _NULL) == 0:
-                    break
-                continue
-            err = _SSL_get_error(ptr, n)
-            if err == _WANT_READ:
-                break
-            if err == _ZERO_RETURN:
-                self._on_zero_return(state)
-                break
-            try:
-                _o.raise_ssl_error(self.ssl, n)
-            except SSL.WantReadError:  # pragma: no cover - SSL_get_error said otherwise
-                break
-            except SSL.Error as exc:
-                raise self._fail(exc) from exc
-            raise self._fail(SSL.Error([("SSL", "", f"SSL_read failed ({err})")]))  # pragma: no cover
-        self.bytes_received += total
         return chunks
 
     def _receive_public(self, data: bytes, state: State) -> list[bytes]:
@@ -364,27 +397,27 @@ class TLSEngine:
         return chunks
 
     def _on_zero_return(self, state: State) -> None:
-        if state is State.HANDSHAKING:
+        if state is HANDSHAKING:
             # A client's Finished, first data and close_notify can come in
             # one read: the handshake did complete before the close_notify.
             self._check_handshake()
         self._peer_close_notify()
 
     def _check_handshake(self) -> None:
-        if self.state is State.HANDSHAKING and self.ssl.get_state_string() == _HANDSHAKE_DONE_STATE:
-            self._set_state(State.ESTABLISHED)
+        if self.state is HANDSHAKING and self.ssl.get_state_string() == _HANDSHAKE_DONE_STATE:
+            self._set_state(ESTABLISHED)
             self.handshake_completed = True
             self._bio_high = True  # the handshake flights grew both BIOs
 
     def _peer_close_notify(self) -> None:
-        if self.state is State.SHUTDOWN_SENT:
-            self._set_state(State.CLOSED)
-        elif self.state is State.HANDSHAKING:
+        if self.state is SHUTDOWN_SENT:
+            self._set_state(CLOSED)
+        elif self.state is HANDSHAKING:
             # OpenSSL reports close_notify during a handshake as ZeroReturn too.
-            self._set_state(State.FAILED)
+            self._set_state(FAILED)
             raise HandshakeError("peer sent close_notify before the handshake completed")
         else:
-            self._set_state(State.PEER_CLOSED)
+            self._set_state(PEER_CLOSED)
 
     def eof_received(self) -> None:
         """The transport reached end of stream.  Raise unless that was a clean close.
@@ -393,16 +426,16 @@ class TLSEngine:
         ``CLOSED``), or we had sent ours and the peer simply closed -- many TLS
         1.3 stacks never answer close_notify, and waiting for it helps nobody.
         """
-        if self.state in (State.PEER_CLOSED, State.CLOSED, State.FAILED):
+        if self.state in (PEER_CLOSED, CLOSED, FAILED):
             return
-        if self.state is State.SHUTDOWN_SENT and not self.read_after_shutdown:
-            self._set_state(State.CLOSED)
+        if self.state is SHUTDOWN_SENT and not self.read_after_shutdown:
+            self._set_state(CLOSED)
             return
         # After a half-close we still wait for the peer's data: only its
         # close_notify proves we have all of it.
         was = self.state
-        self._set_state(State.FAILED)
-        if was is State.HANDSHAKING:
+        self._set_state(FAILED)
+        if was is HANDSHAKING:
             raise HandshakeError("peer closed the connection during the handshake")
         raise TruncationError("peer closed the connection without close_notify (truncation)")
 
@@ -411,10 +444,11 @@ class TLSEngine:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt ``data`` now, or keep it as a deferred write if OpenSSL must read first."""
         ptr = self._ptr
-        if ptr is not None and self.state is State.ESTABLISHED and not self._deferred \
+        if ptr is not None and self.state is ESTABLISHED and not self._deferred \
                 and type(data) is bytes and data:
-            n = _SSL_write(ptr, data, len(data))  # cffi: bytes to void*, no copy
-            if n == len(data):
+            size = len(data)
+            n = _SSL_write(ptr, data, size)  # cffi: bytes to void*, no copy
+            if n == size:
                 self.bytes_sent += n
                 return
             if n > 0:  # pragma: no cover - a memory BIO does not take part of a buffer
@@ -496,14 +530,25 @@ class TLSEngine:
         """Drain and return the ciphertext OpenSSL produced (b"" when none)."""
         bio = self._bio
         if bio is not None:
-            n = _BIO_pending(bio, _NULL)
-            if n == 0:
-                return b""
-            if n > COMPACT_MIN:
-                self._bio_high = True
-            buf = _new_buffer("char[]", n)
-            got = _BIO_read(bio, buf, n)
-            return _unpack(buf, got)[:] if got > 0 else b""
+            # One call in the common case: read straight into the scratch
+            # buffer (an empty memory BIO just returns -1), and ask the size
+            # only when it came back full.
+            buf = _scratch.buf
+            n = _BIO_read(bio, buf, RECV_SIZE)
+            if n < RECV_SIZE:
+                if n <= 0:
+                    return b""
+                if n > COMPACT_MIN:
+                    self._bio_high = True
+                return _unpack(buf, n)
+            self._bio_high = True
+            first = _unpack(buf, n)
+            rest = _BIO_pending(bio, _NULL)
+            if rest <= 0:
+                return first
+            more = _new_buffer("char[]", rest)
+            got = _BIO_read(bio, more, rest)
+            return first + _unpack(more, got) if got > 0 else first
         out: list[bytes] = []
         try:
             while True:
@@ -528,7 +573,7 @@ class TLSEngine:
         Call when the connection is idle: a busy one would only grow new
         BIOs again.  The owner decides when (tlsuv.pending's compaction).
         """
-        if not self._bio_high or self._ptr is None or self.state is State.HANDSHAKING:
+        if not self._bio_high or self._ptr is None or self.state is HANDSHAKING:
             return False
         if _o.BIO_get_mem_data(self._rbio, _o.NULL) or _o.BIO_get_mem_data(self._bio, _o.NULL):
             return False
@@ -550,9 +595,9 @@ class TLSEngine:
         the handshake there is nothing to close_notify: OpenSSL refuses, and
         the caller simply closes the transport.
         """
-        if self.state is State.HANDSHAKING:
+        if self.state is HANDSHAKING:
             raise TLSError("cannot send close_notify before the handshake completed")
-        if self.state not in (State.ESTABLISHED, State.PEER_CLOSED):
+        if self.state not in (ESTABLISHED, PEER_CLOSED):
             return
         if self._deferred and not self.retry_deferred():
             return
@@ -560,7 +605,7 @@ class TLSEngine:
             self.ssl.shutdown()
         except SSL.Error as exc:
             raise self._fail(exc) from exc
-        self._set_state(State.SHUTDOWN_SENT if self.state is State.ESTABLISHED else State.CLOSED)
+        self._set_state(SHUTDOWN_SENT if self.state is ESTABLISHED else CLOSED)
 
     def renegotiate(self) -> bool:
         """Start a server-initiated renegotiation (TLS 1.2 only).
@@ -570,7 +615,7 @@ class TLSEngine:
         flag; ``do_handshake`` makes OpenSSL write the HelloRequest now, and
         then wants the client's answer.
         """
-        if self.state is not State.ESTABLISHED:
+        if self.state is not ESTABLISHED:
             raise TLSError(f"cannot renegotiate: TLS connection is {self.state.value}")
         if self.ssl.get_protocol_version_name() != "TLSv1.2":
             raise TLSError("renegotiation needs TLS 1.2 (TLS 1.3 has no renegotiation)")
@@ -588,11 +633,11 @@ class TLSEngine:
 
     def _fail(self, exc: SSL.Error) -> TLSError:
         was = self.state
-        self.state = State.FAILED  # from any state: the guard is for orderly moves
+        self.state = FAILED  # from any state: the guard is for orderly moves
         self._deferred = None
         self._deferred_bytes = 0
         reason = describe_openssl_error(exc)
-        cls = HandshakeError if was is State.HANDSHAKING else TLSError
+        cls = HandshakeError if was is HANDSHAKING else TLSError
         if isinstance(exc, SSL.SysCallError):
             return cls(f"TLS transport error: {reason}", reason=reason)
         alert = self._alert_sent()
