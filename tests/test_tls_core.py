@@ -13,7 +13,7 @@ from OpenSSL import SSL
 
 from tlsuv import _openssl as tlsuv_openssl
 from tlsuv.errors import HandshakeError, TLSError, TruncationError
-from tlsuv.tls import InvalidTransition, State, TLSEngine
+from tlsuv.tls import OUTPUT_MAX, InvalidTransition, State, TLSEngine
 
 VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
 
@@ -75,6 +75,24 @@ def test_echo_both_ways(certs: Certs, version: str) -> None:
     engine.write(bytes(got))
     pump(engine, peer)
     assert bytes(peer.received) == b"ping" * 1000
+
+
+@pytest.mark.parametrize("size", [1, 64, 16384, 70000, OUTPUT_MAX + 5000])
+def test_output_view_carries_the_same_records_as_data_to_send(certs: Certs, size: int, io_path: str) -> None:
+    """The flush's zero-copy drain: a view valid until the next engine call, the rest by data_to_send."""
+    engine, peer = make_pair(certs)
+    pump(engine, peer)
+    payload = random.Random(size).randbytes(size)
+    engine.write(payload)
+    view = engine.output_view()
+    first = bytes(view)  # copied before any other engine call, as the contract says
+    rest = engine.data_to_send() if len(view) >= OUTPUT_MAX else b""
+    assert (len(view) >= OUTPUT_MAX) == (size > OUTPUT_MAX - 1000)
+    if io_path == "fast":
+        assert len(view) <= OUTPUT_MAX, "the direct path drains through the scratch buffer"
+    assert len(engine.output_view()) == 0, "the BIO must be drained"
+    peer.incoming(first + rest)
+    assert bytes(peer.received) == payload
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

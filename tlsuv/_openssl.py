@@ -127,6 +127,7 @@ if FAST_IO:
     # 16 KiB per read would be pure waste (pyOpenSSL does the same).
     new_buffer = _ffi.new_allocator(should_clear_after_alloc=False)
     unpack = _ffi.unpack  # char* and a length to bytes, in one call
+    buffer = _ffi.buffer  # a Python buffer over C memory, no copy
     from_buffer = _ffi.from_buffer
 
 

@@ -60,7 +60,7 @@ from .errors import (
     TransportError,
 )
 from .proxy import ProxyHeader, ProxyOptions, ProxyParser
-from .tls import CLOSED, HANDSHAKING, PEER_CLOSED, SHUTDOWN_SENT, State, TLSEngine
+from .tls import CLOSED, HANDSHAKING, OUTPUT_MAX, PEER_CLOSED, SHUTDOWN_SENT, State, TLSEngine
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -640,14 +640,20 @@ class Connection:
         the kernel does not take goes to uv_write as before.
         """
         tls = self._tls
-        data = tls.data_to_send()
+        # Straight from the scratch buffer to the socket: bytes are made only
+        # for what the kernel does not take now (libuv keeps those).
+        view = tls.output_view()
         self._unflushed = 0
         if tls._bio_high and not self._compact_queued:
             self._compact_queued = True
             self._pending.compact_later(self)
-        if not data:
+        size = len(view)
+        if not size:
             return
-        size = len(data)
+        data: memoryview | bytes = view
+        if size >= OUTPUT_MAX:  # more may wait in the BIO: one buffer for all of it
+            data = view.tobytes() + tls.data_to_send()
+            size = len(data)
         self.bytes_out += size
         tcp = self._tcp
         if self._timer_phase == "idle":
@@ -667,9 +673,9 @@ class Connection:
                 return
             if n == size:
                 return
-            rest: bytes | memoryview = memoryview(data)[n:]  # libuv keeps a reference, not a copy
+            rest = bytes(data[n:])
         else:
-            rest = data
+            rest = bytes(data)
         try:
             tcp.write(rest, self._on_write)
         except pyuv.error.UVError as exc:

@@ -138,21 +138,35 @@ ALERT_NAMES: Final[dict[int, str]] = {
 _ALERT_RECORD: Final = 21  # TLS record content type of a plaintext alert
 
 
-class _Scratch(threading.local):
-    """One RECV_SIZE buffer per thread for SSL_read and BIO_read.
+# The most ciphertext one flush takes from the outgoing BIO through the
+# scratch buffer (TLSEngine.output_view): a 64 KiB application write becomes
+# a little more than 64 KiB of records, and a flush that size still goes out
+# in one write(2).  More than this is rare (bulk writes) and is joined into
+# one bytes object instead.
+OUTPUT_MAX: Final = 256 * 1024
 
-    Allocating it per call cost more than decrypting a small record.  It
+
+class _Scratch(threading.local):
+    """One buffer per thread for SSL_read, BIO_read and the flush.
+
+    Allocating one per call cost more than decrypting a small record.  It
     cannot be one module-wide buffer: cffi releases the GIL around every
     OpenSSL call, so engines in two threads would read into it at once.
-    Plaintext and ciphertext are copied out of it (``ffi.unpack``) before
-    any other engine call can run in this thread.
+    Whatever lands in it is copied out (or written to the socket) before any
+    other engine call can run in this thread.  Pages are only touched as far
+    as they are used, so small-message servers pay a few KiB for it.
     """
 
     def __init__(self) -> None:
-        self.buf: Any = _new_buffer("char[]", RECV_SIZE) if _new_buffer is not None else None
+        self.buf: Any = None
+        self.view = memoryview(b"")
+        if _new_buffer is not None:
+            self.buf = _new_buffer("char[]", OUTPUT_MAX)
+            self.view = memoryview(_o.buffer(self.buf))
 
 
 _scratch = _Scratch()
+_EMPTY: Final = memoryview(b"")
 
 
 class State(enum.Enum):
@@ -525,6 +539,27 @@ class TLSEngine:
             if not self._send_or_defer(view):
                 return False
         return not deferred
+
+    def output_view(self) -> memoryview:
+        """Drain up to OUTPUT_MAX bytes of ciphertext into this thread's scratch buffer.
+
+        The zero-copy form of :meth:`data_to_send`, for an owner that writes
+        to its socket at once: the view is only valid until the next call
+        into any engine in this thread, so copy whatever must outlive it.
+        Empty when there is nothing to send.  When it is OUTPUT_MAX bytes
+        long or longer (pyOpenSSL's public path returns everything at once),
+        more may wait: :meth:`data_to_send` returns the rest.
+        """
+        bio = self._bio
+        if bio is None:
+            return memoryview(self.data_to_send())
+        scratch = _scratch
+        n = _BIO_read(bio, scratch.buf, OUTPUT_MAX)
+        if n <= 0:
+            return _EMPTY
+        if n > COMPACT_MIN:
+            self._bio_high = True
+        return scratch.view[:n]
 
     def data_to_send(self) -> bytes:
         """Drain and return the ciphertext OpenSSL produced (b"" when none)."""
