@@ -242,6 +242,22 @@ def test_bad_record_after_handshake_is_tls_error(certs: Certs) -> None:
         peer.incoming(engine.data_to_send())
 
 
+# -- memory: idle connections give their buffers back ----------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_drained_deferred_writes_leave_no_deque(certs: Certs, version: str) -> None:
+    engine, peer = make_pair(certs, version)
+    engine.write(b"OK\r\n")
+    assert engine._deferred
+    pump(engine, peer)
+    assert engine._deferred is None, "an idle connection should not keep an empty deque"
+    assert bytes(peer.received) == b"OK\r\n"
+    engine.write(b"more")  # and writing still works without it
+    pump(engine, peer)
+    assert bytes(peer.received) == b"OK\r\nmore"
+
+
 def test_renegotiation_refused_on_tls13(certs: Certs) -> None:
     engine, peer = make_pair(certs, "TLSv1.3")
     pump(engine, peer)
