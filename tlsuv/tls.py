@@ -178,6 +178,7 @@ class TLSEngine:
         "_bio_high",
         "_deferred",
         "_deferred_bytes",
+        "_detached",
         "_ptr",
         "_rbio",
         "bytes_received",
@@ -226,7 +227,12 @@ class TLSEngine:
         if handles is not None:
             self._ptr, self._rbio, self._bio = handles
         _o.release_idle_buffers(self.ssl)
-        self._bio_high = False  # a BIO held more than COMPACT_MIN since the last compact()
+        # compact() would give memory back: a BIO held more than COMPACT_MIN,
+        # or the handshake (or an _attach) made BIOs an idle connection can do without.
+        self._bio_high = False
+        # compact() freed both BIOs (and _ptr is None meanwhile, so every
+        # call leaves the fast path and gets them back in _attach first).
+        self._detached = False
         self.bytes_received = 0  # plaintext delivered to the owner
         self.bytes_sent = 0  # plaintext accepted by OpenSSL
         # A half-close (Connection.write_eof): after our close_notify the peer's
@@ -264,7 +270,7 @@ class TLSEngine:
     def pending_output(self) -> int:
         """Bytes of ciphertext waiting in the outgoing BIO (-1 if it cannot be asked)."""
         if self._bio is None:
-            return -1
+            return 0 if self._detached else -1
         return int(_BIO_pending(self._bio, _NULL))
 
     @property
@@ -287,6 +293,8 @@ class TLSEngine:
             return self._receive_fast(data, state)  # the common case, nothing else to check
         if state is State.FAILED or state is State.CLOSED or state is State.PEER_CLOSED:
             return []
+        if self._detached:
+            self._attach()
         if self._ptr is not None:
             chunks = self._receive_fast(data, state)
         else:
@@ -374,7 +382,9 @@ class TLSEngine:
         if self.state is State.HANDSHAKING and self.ssl.get_state_string() == _HANDSHAKE_DONE_STATE:
             self._set_state(State.ESTABLISHED)
             self.handshake_completed = True
-            self._bio_high = True  # the handshake flights grew both BIOs
+            # The flights grew both BIOs, and an idle connection is better off
+            # with none at all: ask to be compacted.
+            self._bio_high = True
 
     def _peer_close_notify(self) -> None:
         if self.state is State.SHUTDOWN_SENT:
@@ -427,6 +437,8 @@ class TLSEngine:
             raise TLSError(f"cannot write: TLS connection is {self.state.value}")
         if not data:
             return
+        if self._detached:
+            self._attach()
         deferred = self._deferred
         if deferred:
             view = memoryview(data).cast("B")
@@ -510,6 +522,8 @@ class TLSEngine:
             buf = _new_buffer("char[]", n)
             got = _BIO_read(bio, buf, n)
             return _unpack(buf, got)[:] if got > 0 else b""
+        if self._detached:
+            return b""  # no BIO, so nothing was written since compact()
         out: list[bytes] = []
         try:
             while True:
@@ -529,21 +543,38 @@ class TLSEngine:
         return self._bio_high
 
     def compact(self) -> bool:
-        """Swap in fresh, empty BIOs if both are empty now.  True if it did.
+        """Free both memory BIOs of an idle, established connection.  True if it did.
 
-        Call when the connection is idle: a busy one would only grow new
-        BIOs again.  The owner decides when (tlsuv.pending's compaction).
+        A memory BIO keeps the largest size it ever held, and even empty the
+        pair costs ~0.6 KiB of C heap and Python objects: an idle connection
+        does better with none.  The next call that needs them (receive,
+        write, shutdown, renegotiate) makes a fresh, empty pair first.  Only
+        when both are empty and no write is deferred, so nothing is lost.
+        Call when the connection is idle: a busy one would only pay for new
+        BIOs at once.  The owner decides when (tlsuv.pending's compaction).
         """
-        if not self._bio_high or self._ptr is None or self.state is State.HANDSHAKING:
+        ptr = self._ptr
+        if not self._bio_high or ptr is None or self.state is not State.ESTABLISHED or self._deferred:
             return False
-        if _o.BIO_get_mem_data(self._rbio, _o.NULL) or _o.BIO_get_mem_data(self._bio, _o.NULL):
+        if _BIO_pending(self._rbio, _NULL) or _BIO_pending(self._bio, _NULL) or _SSL_pending(ptr):
             return False
-        fresh = _o.fresh_bios(self.ssl)
-        if fresh is None:
+        if not _o.drop_bios(self.ssl):
             return False
-        self._rbio, self._bio = fresh
+        self._ptr = self._rbio = self._bio = None
+        self._detached = True
         self._bio_high = False
         return True
+
+    def _attach(self) -> None:
+        """Give a compacted connection new BIOs and its fast path back."""
+        if _o.fresh_bios(self.ssl) is None:  # pragma: no cover - out of memory
+            raise MemoryError("OpenSSL could not allocate memory BIOs")
+        handles = _o.fast_handles(self.ssl)
+        assert handles is not None  # compact() only detaches on the fast path
+        self._ptr, self._rbio, self._bio = handles
+        self._detached = False
+        # Idle again later, it should give them back again.
+        self._bio_high = True
 
     # -- control ---------------------------------------------------------
 
@@ -562,6 +593,8 @@ class TLSEngine:
             return
         if self._deferred and not self.retry_deferred():
             return
+        if self._detached:
+            self._attach()
         try:
             self.ssl.shutdown()
         except SSL.Error as exc:
@@ -582,6 +615,8 @@ class TLSEngine:
             raise TLSError("renegotiation needs TLS 1.2 (TLS 1.3 has no renegotiation)")
         if self.ssl.renegotiate_pending():
             return False
+        if self._detached:
+            self._attach()
         try:
             if not self.ssl.renegotiate():
                 return False
