@@ -20,6 +20,7 @@ from conftest import Certs, Recorder, recv_exactly, server_thread
 from OpenSSL import SSL
 
 import tlsuv
+from tlsuv.echo import EchoHandler
 
 
 def test_greeting_arrives_first_and_intact(certs: Certs) -> None:
@@ -47,6 +48,26 @@ def test_python_ssl_client_both_versions(certs: Certs, version: ssl.TLSVersion) 
         assert cipher is not None
         assert st.call(lambda: conn.cipher) == cipher[0]
         assert st.call(lambda: conn.peer) == s.getsockname()[:2]
+
+
+def test_connections_share_their_local_address_and_keep_their_own_peer(certs: Certs) -> None:
+    with server_thread(certs.server_context()) as st, st.connect(certs) as a, st.connect(certs) as b:
+        assert recv_exactly(a, 4) == GREETING
+        assert recv_exactly(b, 4) == GREETING
+        first, second = st.connections[0], st.connections[1]
+        assert st.call(lambda: first.sockname) == a.getpeername()[:2]
+        assert st.call(lambda: first.sockname is second.sockname), "one tuple per listener address"
+        peers = {st.call(lambda: first.peer), st.call(lambda: second.peer)}
+        assert peers == {a.getsockname()[:2], b.getsockname()[:2]}
+
+
+def test_handler_subclasses_keep_their_dict_unless_they_declare_slots() -> None:
+    class Stateful(tlsuv.Handler):
+        pass
+
+    h = Stateful()
+    h.anything = 1  # type: ignore[attr-defined]  # what a user subclass may do, as before
+    assert not hasattr(EchoHandler(), "__dict__"), "the echo handler needs no dict"
 
 
 def test_ipv6_and_port_zero(certs: Certs) -> None:

@@ -260,6 +260,83 @@ def test_bad_record_after_handshake_is_tls_error(certs: Certs) -> None:
         peer.incoming(engine.data_to_send())
 
 
+# -- memory: idle connections give their buffers back ----------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_drained_deferred_writes_leave_no_deque(certs: Certs, version: str) -> None:
+    engine, peer = make_pair(certs, version)
+    engine.write(b"OK\r\n")
+    assert engine._deferred
+    pump(engine, peer)
+    assert engine._deferred is None, "an idle connection should not keep an empty deque"
+    assert bytes(peer.received) == b"OK\r\n"
+    engine.write(b"more")  # and writing still works without it
+    pump(engine, peer)
+    assert bytes(peer.received) == b"OK\r\nmore"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_compaction_frees_the_bios_and_the_connection_keeps_working(
+        certs: Certs, version: str, io_path: str) -> None:
+    engine, peer = make_pair(certs, version)
+    engine.write(b"OK\r\n")
+    pump(engine, peer)
+    assert engine.wants_compaction, "the handshake asks for a compaction"
+    if io_path == "public":
+        assert not engine.compact(), "the public path has no BIOs of its own to free"
+        return
+    assert engine.compact()
+    assert (engine._rbio, engine._bio) == (None, None)
+    assert engine.pending_output() == 0
+    assert not engine.wants_flush
+    assert engine.data_to_send() == b""
+    assert not engine.compact(), "nothing left to free"
+    # The peer speaks first after a compaction: every byte arrives.
+    payload = random.Random(5).randbytes(50_000)
+    assert peer.send(payload)
+    got = bytearray()
+    pump(engine, peer, on_plain=got.extend)
+    assert bytes(got) == payload
+    # Then the engine, after another compaction.
+    assert engine.wants_compaction, "BIOs made again are given back again"
+    assert engine.compact()
+    engine.write(payload[::-1])
+    pump(engine, peer)
+    assert bytes(peer.received) == b"OK\r\n" + payload[::-1]
+    # And a graceful close after a third.
+    assert engine.compact()
+    engine.shutdown()
+    pump(engine, peer)
+    assert peer.closed_by_peer
+    assert state(engine) is State.SHUTDOWN_SENT
+
+
+def test_renegotiation_after_compaction(certs: Certs, io_path: str) -> None:
+    engine, peer = make_pair(certs, "TLSv1.2")
+    pump(engine, peer)
+    assert engine.compact() == (io_path == "fast")
+    assert engine.renegotiate()
+    got = bytearray()
+    for _ in range(5):
+        pump(engine, peer, on_plain=got.extend)
+        peer.incoming(b"")
+    assert engine.renegotiations == 1
+    assert peer.send(b"after")
+    pump(engine, peer, on_plain=got.extend)
+    assert bytes(got) == b"after"
+
+
+def test_compaction_waits_for_the_handshake_and_the_deferred_writes(certs: Certs, io_path: str) -> None:
+    engine, peer = make_pair(certs, "TLSv1.3")
+    engine.write(b"deferred until the handshake")
+    engine._bio_high = True
+    assert not engine.compact(), "not during the handshake, nor with a deferred write"
+    pump(engine, peer)
+    assert bytes(peer.received) == b"deferred until the handshake"
+    assert engine.compact() == (io_path == "fast")
+
+
 def test_renegotiation_refused_on_tls13(certs: Certs) -> None:
     engine, peer = make_pair(certs, "TLSv1.3")
     pump(engine, peer)

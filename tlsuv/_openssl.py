@@ -162,16 +162,20 @@ def release_idle_buffers(conn: SSL.Connection) -> bool:
 _HAVE_SET_BIO: Final = _has("SSL_set_bio", "BIO_new", "BIO_s_mem")
 
 
+def _memory_bio_connection(conn: SSL.Connection) -> bool:
+    # pyOpenSSL made memory BIOs (no socket); tlsuv.tls only ever makes those.
+    return _HAVE_SET_BIO and hasattr(conn, "_into_ssl") and getattr(conn, "_socket", None) is None
+
+
 def fresh_bios(conn: SSL.Connection) -> tuple[Any, Any] | None:
     """Give a memory-BIO connection two new, empty BIOs; return ``(incoming, outgoing)``.
 
-    A memory BIO never shrinks: once a 64 KiB read or a 1 MiB write went
-    through it, that capacity stays allocated for the life of the
-    connection.  SSL_set_bio frees the old pair (the SSL owns its BIOs) and
-    tells the record layer; pyOpenSSL's own references are updated so its
-    methods keep working.  The caller guarantees both old BIOs are empty.
+    SSL_set_bio frees the old pair, if any (the SSL owns its BIOs), and tells
+    the record layer; pyOpenSSL's own references are updated so its methods
+    keep working.  The caller guarantees the old BIOs are empty: whatever
+    they held is lost.
     """
-    if not _HAVE_SET_BIO or getattr(conn, "_into_ssl", None) is None:
+    if not _memory_bio_connection(conn):
         return None
     rbio = _lib.BIO_new(_lib.BIO_s_mem())
     wbio = _lib.BIO_new(_lib.BIO_s_mem())
@@ -184,6 +188,23 @@ def fresh_bios(conn: SSL.Connection) -> tuple[Any, Any] | None:
     conn._into_ssl = rbio
     conn._from_ssl = wbio
     return rbio, wbio
+
+
+def drop_bios(conn: SSL.Connection) -> bool:
+    """Free a memory-BIO connection's two BIOs and leave it with none, until :func:`fresh_bios`.
+
+    OpenSSL only touches its BIOs inside calls that read or write (SSL_read,
+    SSL_write, SSL_shutdown, SSL_do_handshake); keys, session and record
+    layer state stay.  pyOpenSSL's references are cleared, so one of its BIO
+    methods called meanwhile raises instead of using freed memory.  The
+    caller guarantees both BIOs are empty.
+    """
+    if not _memory_bio_connection(conn) or conn._into_ssl is None:
+        return False
+    _lib.SSL_set_bio(_ssl_ptr(conn), _ffi.NULL, _ffi.NULL)
+    conn._into_ssl = None
+    conn._from_ssl = None
+    return True
 
 
 def raise_ssl_error(conn: SSL.Connection, result: int) -> None:

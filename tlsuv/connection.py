@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -179,7 +180,8 @@ class Connection:
         self._reading = False
         self._compact_queued = False  # on the pending list's compaction sweep
         self._in_read = False  # inside _on_read: writes are flushed when it returns
-        self._held: list[bytes] = []  # plaintext read while the handler paused reading
+        # Plaintext read while the handler paused reading; made when first needed.
+        self._held: list[bytes] | None = None
         self._tls_shutdown_done = False
         self._tcp_shutdown_started = False
         self.peer = _address(tcp, "getpeername")
@@ -388,19 +390,20 @@ class Connection:
         if self._finished or not self._reading_paused:
             return
         self._reading_paused = False
-        held, self._held = self._held, []
-        for i, chunk in enumerate(held):
-            if self._finished:
-                return
-            if self._reading_paused:  # the handler paused again from inside read()
-                self._held[:0] = held[i:]
-                break
-            self._deliver(chunk)
+        held, self._held = self._held, None
+        if held:
+            for i, chunk in enumerate(held):
+                if self._finished:
+                    return
+                if self._reading_paused:  # the handler paused again from inside read()
+                    self._held = held[i:] + (self._held or [])
+                    break
+                self._deliver(chunk)
         self._update_reading()
 
     def _deliver_held(self) -> None:
-        held, self._held = self._held, []
-        for chunk in held:
+        held, self._held = self._held, None
+        for chunk in held or ():
             if self._finished:
                 return
             self._deliver(chunk)
@@ -474,6 +477,8 @@ class Connection:
         handler = self._handler
         for chunk in chunks:
             if self._reading_paused:
+                if self._held is None:
+                    self._held = []
                 self._held.append(chunk)
             elif handler is not None:
                 try:
@@ -738,7 +743,7 @@ class Connection:
         self._closing = True
         self._reason = reason
         self._pending.forget(self)
-        self._held = []
+        self._held = None
         self._stop_timer()
         if not self._tcp.closed:
             self._tcp.close(self._on_tcp_closed)
@@ -819,7 +824,9 @@ def _address(tcp: pyuv.TCP, method: str) -> tuple[str, int] | None:
         addr = getattr(tcp, method)()
     except pyuv.error.UVError:
         return None  # the peer reset before we asked; the read will report it
-    return (str(addr[0]), int(addr[1]))
+    # Interned: behind a balancer, NAT or a proxy many connections share a
+    # peer address, and each would otherwise keep its own copy of the string.
+    return (sys.intern(str(addr[0])), int(addr[1]))
 
 
 def _fmt(addr: tuple[str, int] | None) -> str:

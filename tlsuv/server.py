@@ -62,6 +62,12 @@ class Server:
         self.max_connections = max_connections
         self.connections: set[Connection] = set()
         self.pending = PendingList(loop)
+        # Shared by every connection: a bound method made per accept would
+        # cost each one ~64 bytes for its whole life.
+        self._gone = self._connection_gone
+        # Connections accepted on one listener share their local address;
+        # one tuple for all of them instead of one each (~150 bytes).
+        self._sockname: tuple[str, int] | None = None
         self._listener: pyuv.TCP | None = None
         self._address: tuple[str, int] | None = None
         self._closing = False
@@ -164,7 +170,11 @@ class Server:
         self.accepted += 1
         tcp.nodelay(True)  # TLS records are already batched per loop iteration
         conn = Connection(tcp, self.context, self.handler_factory, pending=self.pending,
-                          options=self.options, on_gone=self._connection_gone)
+                          options=self.options, on_gone=self._gone)
+        if conn.sockname == self._sockname:
+            conn.sockname = self._sockname
+        else:
+            self._sockname = conn.sockname
         log.debug("%s: accepted", _fmt(conn.peer))
         self.connections.add(conn)
         conn._start()

@@ -230,6 +230,7 @@ class TLSEngine:
         "_bio_high",
         "_deferred",
         "_deferred_bytes",
+        "_detached",
         "_ptr",
         "_rbio",
         "bytes_received",
@@ -265,8 +266,8 @@ class TLSEngine:
         # Stays True once set: FAILED after a completed handshake is not a failed handshake.
         self.handshake_completed = False
         # Plaintext that OpenSSL could not take yet (it needs to read first).
-        # Made on first use: most connections never defer a write after the
-        # greeting, and an empty deque costs ~600 bytes per connection.
+        # Made on first use and dropped once drained (retry_deferred): an
+        # empty deque costs ~750 bytes per connection.
         self._deferred: deque[memoryview] | None = None
         self._deferred_bytes = 0
         # The raw SSL* and BIOs for the hot path (tlsuv._openssl); None means
@@ -278,7 +279,12 @@ class TLSEngine:
         if handles is not None:
             self._ptr, self._rbio, self._bio = handles
         _o.release_idle_buffers(self.ssl)
-        self._bio_high = False  # a BIO held more than COMPACT_MIN since the last compact()
+        # compact() would give memory back: a BIO held more than COMPACT_MIN,
+        # or the handshake (or an _attach) made BIOs an idle connection can do without.
+        self._bio_high = False
+        # compact() freed both BIOs (and _ptr is None meanwhile, so every
+        # call leaves the fast path and gets them back in _attach first).
+        self._detached = False
         self.bytes_received = 0  # plaintext delivered to the owner
         self.bytes_sent = 0  # plaintext accepted by OpenSSL
         # A half-close (Connection.write_eof): after our close_notify the peer's
@@ -316,7 +322,7 @@ class TLSEngine:
     def pending_output(self) -> int:
         """Bytes of ciphertext waiting in the outgoing BIO (-1 if it cannot be asked)."""
         if self._bio is None:
-            return -1
+            return 0 if self._detached else -1
         return int(_BIO_pending(self._bio, _NULL))
 
     @property
@@ -338,6 +344,9 @@ class TLSEngine:
         if state is not ESTABLISHED and (state is FAILED or state is CLOSED or state is PEER_CLOSED):
             return []
         ptr = self._ptr
+        if ptr is None and self._detached:  # compacted while idle: BIOs first
+            self._attach()
+            ptr = self._ptr
         if ptr is None:
             chunks = self._receive_public(data, state)
             if chunks:
@@ -421,7 +430,9 @@ class TLSEngine:
         if self.state is HANDSHAKING and self.ssl.get_state_string() == _HANDSHAKE_DONE_STATE:
             self._set_state(ESTABLISHED)
             self.handshake_completed = True
-            self._bio_high = True  # the handshake flights grew both BIOs
+            # The flights grew both BIOs, and an idle connection is better off
+            # with none at all: ask to be compacted.
+            self._bio_high = True
 
     def _peer_close_notify(self) -> None:
         if self.state is SHUTDOWN_SENT:
@@ -475,6 +486,8 @@ class TLSEngine:
             raise TLSError(f"cannot write: TLS connection is {self.state.value}")
         if not data:
             return
+        if self._detached:
+            self._attach()
         deferred = self._deferred
         if deferred:
             view = memoryview(data).cast("B")
@@ -538,7 +551,13 @@ class TLSEngine:
             self._deferred_bytes -= len(view)
             if not self._send_or_defer(view):
                 return False
-        return not deferred
+        if deferred:
+            return False
+        # Dropped once drained: nearly every server connection defers its
+        # greeting until the handshake, and an idle one should not keep the
+        # empty deque (~750 bytes) for the rest of its life.
+        self._deferred = None
+        return True
 
     def output_view(self) -> memoryview:
         """Drain up to OUTPUT_MAX bytes of ciphertext into this thread's scratch buffer.
@@ -584,6 +603,8 @@ class TLSEngine:
             more = _new_buffer("char[]", rest)
             got = _BIO_read(bio, more, rest)
             return first + _unpack(more, got) if got > 0 else first
+        if self._detached:
+            return b""  # no BIO, so nothing was written since compact()
         out: list[bytes] = []
         try:
             while True:
@@ -603,21 +624,38 @@ class TLSEngine:
         return self._bio_high
 
     def compact(self) -> bool:
-        """Swap in fresh, empty BIOs if both are empty now.  True if it did.
+        """Free both memory BIOs of an idle, established connection.  True if it did.
 
-        Call when the connection is idle: a busy one would only grow new
-        BIOs again.  The owner decides when (tlsuv.pending's compaction).
+        A memory BIO keeps the largest size it ever held, and even empty the
+        pair costs ~0.6 KiB of C heap and Python objects: an idle connection
+        does better with none.  The next call that needs them (receive,
+        write, shutdown, renegotiate) makes a fresh, empty pair first.  Only
+        when both are empty and no write is deferred, so nothing is lost.
+        Call when the connection is idle: a busy one would only pay for new
+        BIOs at once.  The owner decides when (tlsuv.pending's compaction).
         """
-        if not self._bio_high or self._ptr is None or self.state is HANDSHAKING:
+        ptr = self._ptr
+        if not self._bio_high or ptr is None or self.state is not ESTABLISHED or self._deferred:
             return False
-        if _o.BIO_get_mem_data(self._rbio, _o.NULL) or _o.BIO_get_mem_data(self._bio, _o.NULL):
+        if _BIO_pending(self._rbio, _NULL) or _BIO_pending(self._bio, _NULL) or _SSL_pending(ptr):
             return False
-        fresh = _o.fresh_bios(self.ssl)
-        if fresh is None:
+        if not _o.drop_bios(self.ssl):
             return False
-        self._rbio, self._bio = fresh
+        self._ptr = self._rbio = self._bio = None
+        self._detached = True
         self._bio_high = False
         return True
+
+    def _attach(self) -> None:
+        """Give a compacted connection new BIOs and its fast path back."""
+        if _o.fresh_bios(self.ssl) is None:  # pragma: no cover - out of memory
+            raise MemoryError("OpenSSL could not allocate memory BIOs")
+        handles = _o.fast_handles(self.ssl)
+        assert handles is not None  # compact() only detaches on the fast path
+        self._ptr, self._rbio, self._bio = handles
+        self._detached = False
+        # Idle again later, it should give them back again.
+        self._bio_high = True
 
     # -- control ---------------------------------------------------------
 
@@ -636,6 +674,8 @@ class TLSEngine:
             return
         if self._deferred and not self.retry_deferred():
             return
+        if self._detached:
+            self._attach()
         try:
             self.ssl.shutdown()
         except SSL.Error as exc:
@@ -656,6 +696,8 @@ class TLSEngine:
             raise TLSError("renegotiation needs TLS 1.2 (TLS 1.3 has no renegotiation)")
         if self.ssl.renegotiate_pending():
             return False
+        if self._detached:
+            self._attach()
         try:
             if not self.ssl.renegotiate():
                 return False
