@@ -708,6 +708,13 @@ class Connection:
         self._pending.forget(self)
         self._held = []
         self._stop_timer()
+        if self._reading and not self._tcp.closed:
+            # The handle's read callback is a bound method of this connection,
+            # and closing does not drop it: the pair would be a reference cycle
+            # that only the cyclic GC frees (with everything hanging off the
+            # connection).  stop_read drops it.
+            self._reading = False
+            self._tcp.stop_read()
         if not self._tcp.closed:
             self._tcp.close(self._on_tcp_closed)
         else:  # pragma: no cover - only if someone closed our handle under us
