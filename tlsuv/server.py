@@ -165,7 +165,8 @@ class Server:
         tcp.nodelay(True)  # TLS records are already batched per loop iteration
         conn = Connection(tcp, self.context, self.handler_factory, pending=self.pending,
                           options=self.options, on_gone=self._connection_gone)
-        log.debug("%s: accepted", _fmt(conn.peer))
+        if log.isEnabledFor(logging.DEBUG):  # skip _fmt per connection when nobody looks
+            log.debug("%s: accepted", _fmt(conn.peer))
         self.connections.add(conn)
         conn._start()
 
