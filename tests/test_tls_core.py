@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 from conftest import Certs
@@ -12,6 +13,7 @@ from memory_peers import PlainPeer, pump
 from OpenSSL import SSL
 
 from tlsuv import _openssl as tlsuv_openssl
+from tlsuv import tls as tls_module
 from tlsuv.errors import HandshakeError, TLSError, TruncationError
 from tlsuv.tls import OUTPUT_MAX, InvalidTransition, State, TLSEngine
 
@@ -62,6 +64,32 @@ def test_greeting_before_handshake_is_deferred_then_delivered(certs: Certs, vers
     assert engine.version == version
     assert not engine.has_deferred
     assert bytes(peer.received) == b"OK\r\n"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_writes_wait_for_the_handshake_without_calling_ssl_write(
+        certs: Certs, version: str, io_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each SSL_write before the handshake completes could only fail with
+    # WANT_READ, at the price of an exception: the engine must not try.
+    engine, peer = make_pair(certs, version)
+    states: list[State] = []
+
+    def counting(real: Any) -> Any:
+        def call(*args: Any) -> Any:
+            states.append(engine.state)
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(tlsuv_openssl, "SSL_write", counting(tlsuv_openssl.SSL_write))
+    monkeypatch.setattr(tls_module, "_SSL_write", counting(tls_module._SSL_write))
+    monkeypatch.setattr(SSL.Connection, "send", counting(SSL.Connection.send))
+    engine.write(b"OK")
+    engine.write(bytearray(b"\r\n"))
+    assert engine.deferred_bytes == 4
+    assert not engine.retry_deferred()
+    pump(engine, peer)
+    assert bytes(peer.received) == b"OK\r\n"
+    assert states and all(s is State.ESTABLISHED for s in states), states
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -529,7 +529,8 @@ class Connection:
         if self._options.idle_timeout is not None and not self._closing:
             self._last_activity = self._tcp.loop.now()
             self._arm_timer("idle", self._options.idle_timeout)
-        log.debug("%s: handshake complete (%s, %s)", _fmt(self.peer), self.tls_version, self.cipher)
+        if log.isEnabledFor(logging.DEBUG):  # version and cipher are two pyOpenSSL calls
+            log.debug("%s: handshake complete (%s, %s)", _fmt(self.peer), self.tls_version, self.cipher)
         self._callback("handshake_complete")
         # TLS 1.3 servers send session tickets right after the handshake, and
         # the handler may have written: flush now, or a client that waits to
@@ -613,7 +614,9 @@ class Connection:
         tls = self._tls
         if tls._deferred or self._closing:
             try:
-                if tls._deferred:
+                if tls._deferred and tls.state is not HANDSHAKING:
+                    # (Before the first handshake completes nothing can be
+                    # retried, and SSL_read has already seen every byte.)
                     tls.retry_deferred()
                     # SSL_write during a renegotiation reads handshake records
                     # itself, and OpenSSL may park application data that came
@@ -732,7 +735,7 @@ class Connection:
     def _abort(self, reason: BaseException, cause: BaseException | None = None) -> None:
         if cause is not None and reason.__cause__ is None:
             reason.__cause__ = cause
-        if isinstance(reason, (TimeoutError, TransportError)):
+        if isinstance(reason, (TimeoutError, TransportError)) and log.isEnabledFor(logging.INFO):
             log.info("%s: %s", _fmt(self.peer), reason)
         self._finish(reason)
 
@@ -745,13 +748,21 @@ class Connection:
         self._pending.forget(self)
         self._held = None
         self._stop_timer()
+        if self._reading and not self._tcp.closed:
+            # The handle's read callback is a bound method of this connection,
+            # and closing does not drop it: the pair would be a reference cycle
+            # that only the cyclic GC frees (with everything hanging off the
+            # connection).  stop_read drops it.
+            self._reading = False
+            self._tcp.stop_read()
         if not self._tcp.closed:
             self._tcp.close(self._on_tcp_closed)
         else:  # pragma: no cover - only if someone closed our handle under us
             self._on_tcp_closed(self._tcp)
 
     def _on_tcp_closed(self, tcp: pyuv.TCP) -> None:
-        log.debug("%s: closed (%s)", _fmt(self.peer), self._reason or "clean")
+        if log.isEnabledFor(logging.DEBUG):  # _fmt is not free, and this runs per connection
+            log.debug("%s: closed (%s)", _fmt(self.peer), self._reason or "clean")
         handler = self._handler
         if handler is not None:
             try:

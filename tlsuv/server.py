@@ -175,7 +175,8 @@ class Server:
             conn.sockname = self._sockname
         else:
             self._sockname = conn.sockname
-        log.debug("%s: accepted", _fmt(conn.peer))
+        if log.isEnabledFor(logging.DEBUG):  # skip _fmt per connection when nobody looks
+            log.debug("%s: accepted", _fmt(conn.peer))
         self.connections.add(conn)
         conn._start()
 

@@ -489,8 +489,14 @@ class TLSEngine:
         if self._detached:
             self._attach()
         deferred = self._deferred
-        if deferred:
+        if deferred or self.state is HANDSHAKING:
+            # During the first handshake SSL_write could only run the handshake
+            # on the input SSL_read already saw and fail with WANT_READ (a
+            # raised exception and an OpenSSL error entry, per try): keep the
+            # data until the handshake is done.
             view = memoryview(data).cast("B")
+            if deferred is None:
+                deferred = self._deferred = deque()
             deferred.append(view)
             self._deferred_bytes += len(view)
             return
@@ -544,8 +550,13 @@ class TLSEngine:
         raise SSL.Error([("SSL", "", f"SSL_write returned {result}")])  # pragma: no cover
 
     def retry_deferred(self) -> bool:
-        """Retry deferred writes in order.  True when none remain."""
+        """Retry deferred writes in order.  True when none remain.
+
+        Nothing is tried before the first handshake completes (see :meth:`write`).
+        """
         deferred = self._deferred
+        if self.state is HANDSHAKING:
+            return not deferred
         while deferred and self.can_write:
             view = deferred.popleft()
             self._deferred_bytes -= len(view)
