@@ -123,6 +123,24 @@ def test_output_view_carries_the_same_records_as_data_to_send(certs: Certs, size
     assert bytes(peer.received) == payload
 
 
+@pytest.mark.parametrize("records", [3, 20])
+def test_records_read_together_come_out_as_few_chunks(certs: Certs, records: int, io_path: str) -> None:
+    """Plaintext of consecutive records is handed over in one chunk while it fits the scratch
+    buffer (one Handler.read per socket read, not one per record), and exactly."""
+    engine, peer = make_pair(certs)
+    pump(engine, peer)
+    payloads = [random.Random(i).randbytes(16384) for i in range(records)]
+    for p in payloads:
+        assert peer.send(p)  # one full record each
+    chunks = engine.receive(peer.outgoing())
+    assert b"".join(chunks) == b"".join(payloads)
+    if io_path == "fast":
+        if 16384 * records <= OUTPUT_MAX - 16384:
+            assert len(chunks) == 1
+        else:  # 320 KiB: split where the scratch buffer is full, still far fewer than records
+            assert 1 < len(chunks) < records
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     seed=st.integers(0, 2**32 - 1),

@@ -159,6 +159,25 @@ def release_idle_buffers(conn: SSL.Connection) -> bool:
     return True
 
 
+_HAVE_CLEAR_MODE: Final = _has("SSL_clear_mode", "SSL_MODE_ENABLE_PARTIAL_WRITE")
+
+
+def whole_writes(conn: SSL.Connection) -> bool:
+    """Make one SSL_write encrypt the whole buffer, however many records it takes.
+
+    pyOpenSSL sets SSL_MODE_ENABLE_PARTIAL_WRITE on every Context, so
+    SSL_write returns after each 16 KiB record: a 64 KiB write took four
+    calls, three of them through the slow path.  A memory BIO never refuses
+    bytes, so without the mode SSL_write either writes every record or fails
+    (WANT_READ, in a renegotiation) -- and is then retried with the same
+    buffer, as deferred writes always are.
+    """
+    if not _HAVE_CLEAR_MODE:
+        return False
+    _lib.SSL_clear_mode(_ssl_ptr(conn), _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+    return True
+
+
 _HAVE_SET_BIO: Final = _has("SSL_set_bio", "BIO_new", "BIO_s_mem")
 
 

@@ -138,16 +138,18 @@ ALERT_NAMES: Final[dict[int, str]] = {
 _ALERT_RECORD: Final = 21  # TLS record content type of a plaintext alert
 
 
-# The most ciphertext one flush takes from the outgoing BIO through the
-# scratch buffer (TLSEngine.output_view): a 64 KiB application write becomes
-# a little more than 64 KiB of records, and a flush that size still goes out
-# in one write(2).  More than this is rare (bulk writes) and is joined into
-# one bytes object instead.
+# The size of the per-thread scratch buffer, and so the most ciphertext one
+# flush takes from the outgoing BIO through it (TLSEngine.output_view) and the
+# most plaintext one receive() hands over as a single chunk.  A 64 KiB
+# application write becomes a little more than 64 KiB of records and a 64 KiB
+# socket read a little less than 64 KiB of plaintext: both fit with room to
+# spare, so the bulk path is one write(2) per flush and one Handler.read per
+# read.  Bigger flushes (bulk writes) are joined into one bytes object.
 OUTPUT_MAX: Final = 256 * 1024
 
 
 class _Scratch(threading.local):
-    """One buffer per thread for SSL_read, BIO_read and the flush.
+    """One buffer per thread for SSL_read (several records in a row), BIO_read and the flush.
 
     Allocating one per call cost more than decrypting a small record.  It
     cannot be one module-wide buffer: cffi releases the GIL around every
@@ -279,6 +281,7 @@ class TLSEngine:
         if handles is not None:
             self._ptr, self._rbio, self._bio = handles
         _o.release_idle_buffers(self.ssl)
+        _o.whole_writes(self.ssl)
         # compact() would give memory back: a BIO held more than COMPACT_MIN,
         # or the handshake (or an _attach) made BIOs an idle connection can do without.
         self._bio_high = False
@@ -367,16 +370,24 @@ class TLSEngine:
                 # cffi hands bytes to a void* parameter without a copy.
                 if _BIO_write(rbio, data, size) != size:  # pragma: no cover - memory BIOs grow
                     raise self._fail(SSL.Error([("BIO", "", "memory BIO refused input")]))
+            # Records are decrypted one after another into the scratch buffer
+            # and handed over as one chunk: a 64 KiB read is one bytes object
+            # and one Handler.read call, not four (record boundaries mean
+            # nothing to a byte stream).
             chunks = []
             buf = _scratch.buf
             total = 0
+            used = 0
             while True:
-                n = _SSL_read(ptr, buf, RECV_SIZE)
+                n = _SSL_read(ptr, buf + used if used else buf, RECV_SIZE)
                 if n > 0:
-                    chunks.append(_unpack(buf, n))
-                    total += n
+                    used += n
                     if _BIO_pending(rbio, _NULL) == 0 and (n < RECV_SIZE or _SSL_pending(ptr) == 0):
                         break
+                    if used > OUTPUT_MAX - RECV_SIZE:  # no room for another record
+                        chunks.append(_unpack(buf, used))
+                        total += used
+                        used = 0
                     continue
                 err = _SSL_get_error(ptr, n)
                 if err == _WANT_READ:
@@ -391,6 +402,9 @@ class TLSEngine:
                 except SSL.Error as exc:
                     raise self._fail(exc) from exc
                 raise self._fail(SSL.Error([("SSL", "", f"SSL_read failed ({err})")]))  # pragma: no cover
+            if used:
+                chunks.append(_unpack(buf, used))
+                total += used
             self.bytes_received += total
             if state is ESTABLISHED:
                 return chunks
@@ -476,7 +490,7 @@ class TLSEngine:
             if n == size:
                 self.bytes_sent += n
                 return
-            if n > 0:  # pragma: no cover - a memory BIO does not take part of a buffer
+            if n > 0:  # pragma: no cover - only if whole_writes() could not clear partial writes
                 self.bytes_sent += n
                 self._send_view(memoryview(data)[n:])
             else:
@@ -512,7 +526,7 @@ class TLSEngine:
             if n == len(data):
                 self.bytes_sent += n
                 return True
-            if n > 0:  # pragma: no cover - a memory BIO does not take part of a buffer
+            if n > 0:  # pragma: no cover - only if whole_writes() could not clear partial writes
                 self.bytes_sent += n
                 return self._send_view(memoryview(data)[n:])
             return self._send_view(memoryview(data), failed=n)

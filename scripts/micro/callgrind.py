@@ -58,6 +58,9 @@ def main() -> int:
     p.add_argument("--server", default="tlsuv", choices=[s.name for s in servers.SERVERS])
     p.add_argument("--conns", type=int, default=64)
     p.add_argument("--size", type=int, default=64)
+    p.add_argument("--stream", action="store_true",
+                   help="the streaming load (--conns connections writing --size bytes at a time); "
+                        "--small and --large count MB instead of messages")
     p.add_argument("--small", type=int, default=2000)
     p.add_argument("--large", type=int, default=12000)
     p.add_argument("--keep", type=Path,
@@ -93,9 +96,15 @@ def main() -> int:
             for count in (args.small, args.large):
                 before = set(d.glob("callgrind.out*"))
                 # A spawned process: its OpenSSL reads OPENSSL_CONF when it starts.
-                res = workers.run_job("pingpong", {
-                    "target": target, "conns": args.conns, "size": args.size, "warmup": 0,
-                    "duration": 3600, "max_messages": count}, cpu=None, timeout=3600)
+                if args.stream:
+                    res = workers.run_job("stream", {
+                        "target": target, "conns": args.conns, "chunk": args.size, "warmup": 0,
+                        "duration": 3600, "max_bytes": count * 10**6}, cpu=None, timeout=3600)
+                    res.count = res.nbytes // 10**6
+                else:
+                    res = workers.run_job("pingpong", {
+                        "target": target, "conns": args.conns, "size": args.size, "warmup": 0,
+                        "duration": 3600, "max_messages": count}, cpu=None, timeout=3600)
                 time.sleep(1.0)  # the server finishes closing those connections
                 dump = _dump(proc.pid, out, before)
                 totals.append((res.count, _total(dump)))
@@ -108,8 +117,9 @@ def main() -> int:
             log.close()
     (n1, i1), (n2, i2) = totals
     per = (i2 - i1) / (n2 - n1)
-    print(f"{args.server}: {per:,.0f} instructions per message ({args.conns} conns, {args.size} B; "
-          f"{n1} and {n2} messages)")
+    unit = "MB" if args.stream else "message"
+    print(f"{args.server}: {per:,.0f} instructions per {unit} ({args.conns} conns, {args.size} B"
+          f"{' writes' if args.stream else ''}; {n1} and {n2} {unit}s)")
     return 0
 
 
