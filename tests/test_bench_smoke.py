@@ -18,7 +18,7 @@ from tlsuv.echo import EchoHandler
 
 # The load generator lives in scripts/bench, which is not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from bench import loadgen
+from bench import loadgen, servers
 
 UPPER_BOUND = 20.0  # seconds; each run stops long before, at its count
 
@@ -102,3 +102,20 @@ def test_an_unexpected_cipher_is_caught(certs: Certs) -> None:
         bad = loadgen.Target("127.0.0.1", st.port, cafile=str(certs.ca_file), expect_cipher="TLS_NONE")
         with pytest.raises(loadgen.VerificationError, match="negotiated"):
             loadgen.run_handshakes(bad, concurrency=1, warmup=0.0, duration=UPPER_BOUND, max_handshakes=1)
+
+
+@pytest.mark.parametrize("name", ["pyuv", "floor"])
+def test_the_floor_servers_keep_the_echo_contract(certs: Certs, tmp_path: Path, name: str) -> None:
+    """The optional reference columns (plain TCP on pyuv; tlsuv's parts without tlsuv) must echo
+    every byte like the others, or their figures would mean nothing."""
+    spec = {s.name: s for s in servers.SERVERS}[name]
+    with servers.RunningServer(spec, cert=certs.cert_file, key=certs.key_file, log=tmp_path / "log",
+                               cpu=None) as srv:
+        t = loadgen.Target("127.0.0.1", srv.port, tls=spec.tls, expect_cipher=None)
+        pp = loadgen.run_pingpong(t, conns=4, size=64, warmup=0.0, duration=UPPER_BOUND, max_messages=400)
+        stream = loadgen.run_stream(t, conns=2, chunk=65536, warmup=0.0, duration=UPPER_BOUND,
+                                    max_bytes=4 << 20)
+        problems = srv.stop()
+    assert pp.verified_bytes == pp.nbytes >= 400 * 64
+    assert stream.verified_bytes >= 4 << 20
+    assert not problems, problems

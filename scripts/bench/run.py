@@ -135,7 +135,7 @@ from tlsuv.certs import self_signed
 
 from . import loadgen, report, servers, workers
 from .loadgen import BenchError, Target
-from .servers import BASELINE, SERVERS, RunningServer, ServerSpec
+from .servers import BASELINE, DEFAULT_SERVERS, SERVERS, RunningServer, ServerSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_CPU = 0
@@ -318,8 +318,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="run the servers with glibc's default malloc thresholds instead of fixed ones "
                         "(see servers.STEADY_MALLOC)")
     p.add_argument("--quick", action="store_true", help="a fast smoke run: short, once, fewer idle conns")
-    p.add_argument("--servers", default=",".join(s.name for s in SERVERS),
-                   help="comma-separated subset of: %(default)s")
+    p.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
+                   help="comma-separated subset of: %(default)s; also pyuv (plain TCP on pyuv) and "
+                        "floor (tlsuv's parts without tlsuv): the floors under tlsuv")
     p.add_argument("--scenarios", default=",".join(s.key for s in SCENARIOS),
                    help="comma-separated subset of: %(default)s")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results", help="results directory")

@@ -47,6 +47,10 @@ class ServerSpec:
             return [*script, *tls, "--loop", "uvloop"]
         if self.name == "plain":
             return [*script, "--plain"]
+        if self.name == "floor":
+            return [sys.executable, str(HERE / "echo_floor.py"), *common, *tls]
+        if self.name == "pyuv":
+            return [sys.executable, str(HERE / "echo_pyuv.py"), *common]
         raise ValueError(self.name)
 
     def available(self) -> bool:
@@ -59,7 +63,12 @@ SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec("uvloop", "uvloop+ssl", True, ("uvloop",)),
     ServerSpec("twisted", "Twisted TLS", True, ("twisted", "service_identity")),
     ServerSpec("plain", "plain TCP", False, ()),
+    # Not measured by default: the floors under tlsuv.  pyuv and Python with no
+    # TLS; and tlsuv's parts with none of tlsuv (echo_floor.py's docstring).
+    ServerSpec("pyuv", "pyuv plain TCP", False, ("pyuv",)),
+    ServerSpec("floor", "pyuv+OpenSSL floor", True, ("pyuv", "OpenSSL")),
 )
+DEFAULT_SERVERS: tuple[str, ...] = ("tlsuv", "asyncio", "uvloop", "twisted", "plain")
 BASELINE = "uvloop"  # every figure is also shown as a ratio to this server's
 
 # asyncio's and uvloop's TLS transports hand a plain Protocol each read as
