@@ -61,7 +61,7 @@ from .errors import (
     TransportError,
 )
 from .proxy import ProxyHeader, ProxyOptions, ProxyParser
-from .tls import CLOSED, HANDSHAKING, OUTPUT_MAX, PEER_CLOSED, SHUTDOWN_SENT, State, TLSEngine
+from .tls import CLOSED, ESTABLISHED, HANDSHAKING, OUTPUT_MAX, PEER_CLOSED, SHUTDOWN_SENT, State, TLSEngine
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -158,7 +158,7 @@ class Connection:
         server_hostname: str | None = None,
     ) -> None:
         self._tcp = tcp
-        self._fd = -1  # the socket, for direct writes; looked up at the first _send
+        self._fd = -1  # the socket, for direct writes; looked up at the first _flush
         self._pending = pending
         self._options = options
         self._on_gone = on_gone
@@ -488,7 +488,7 @@ class Connection:
             if self._finished:
                 return
         state = tls.state
-        if state is PEER_CLOSED or state is CLOSED:
+        if state is not ESTABLISHED and (state is PEER_CLOSED or state is CLOSED):
             self._on_peer_closed()
             return
         # A read can leave TLS output (handshake, tickets, alerts) or make

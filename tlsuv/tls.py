@@ -235,8 +235,6 @@ class TLSEngine:
         "_detached",
         "_ptr",
         "_rbio",
-        "bytes_received",
-        "bytes_sent",
         "handshake_completed",
         "read_after_shutdown",
         "server_side",
@@ -288,8 +286,6 @@ class TLSEngine:
         # compact() freed both BIOs (and _ptr is None meanwhile, so every
         # call leaves the fast path and gets them back in _attach first).
         self._detached = False
-        self.bytes_received = 0  # plaintext delivered to the owner
-        self.bytes_sent = 0  # plaintext accepted by OpenSSL
         # A half-close (Connection.write_eof): after our close_notify the peer's
         # data is still wanted, up to its own close_notify (RFC 8446 section 6.1).
         self.read_after_shutdown = False
@@ -343,8 +339,33 @@ class TLSEngine:
         still returns the alert OpenSSL wrote.  After the peer's close_notify
         the state is ``PEER_CLOSED`` (or ``CLOSED``) and more input is ignored.
         """
+        ptr = self._ptr
+        if ptr is None or self.state is not ESTABLISHED:
+            return self._receive_other(data)
+        # The common case, kept to a few steps: one record in, its plaintext
+        # out.  No exception: after a successful read nothing more can come
+        # out of OpenSSL unless unread records wait in the incoming BIO
+        # (memory BIOs give OpenSSL exactly one record at a time: read-ahead
+        # is off) or the record did not fit the buffer -- which a RECV_SIZE
+        # buffer rules out unless it came back full.
+        rbio = self._rbio
+        size = len(data)
+        if size:
+            if size > COMPACT_MIN:
+                self._bio_high = True
+            # cffi hands bytes to a void* parameter without a copy.
+            if _BIO_write(rbio, data, size) != size:  # pragma: no cover - memory BIOs grow
+                raise self._fail(SSL.Error([("BIO", "", "memory BIO refused input")]))
+        buf = _scratch.buf
+        n = _SSL_read(ptr, buf, RECV_SIZE)
+        if 0 < n < RECV_SIZE and not _BIO_pending(rbio, _NULL):
+            return [_unpack(buf, n)]
+        return self._read_records(ptr, rbio, buf, n, ESTABLISHED)
+
+    def _receive_other(self, data: bytes) -> list[bytes]:
+        """:meth:`receive` in every other case: another state, BIOs compacted, the public path."""
         state = self.state
-        if state is not ESTABLISHED and (state is FAILED or state is CLOSED or state is PEER_CLOSED):
+        if state is FAILED or state is CLOSED or state is PEER_CLOSED:
             return []
         ptr = self._ptr
         if ptr is None and self._detached:  # compacted while idle: BIOs first
@@ -352,43 +373,42 @@ class TLSEngine:
             ptr = self._ptr
         if ptr is None:
             chunks = self._receive_public(data, state)
-            if chunks:
-                self.bytes_received += sum(map(len, chunks))
         else:
-            # The direct path, one body for every state so that the common
-            # case (ESTABLISHED) is a single Python call.  No exception in the
-            # common case: after a successful read, nothing more can come out
-            # of OpenSSL unless unread records wait in the incoming BIO (memory
-            # BIOs give OpenSSL exactly one record at a time: read-ahead is
-            # off) or the record did not fit the buffer (SSL_pending) -- which
-            # a RECV_SIZE buffer rules out unless it came back full.
             rbio = self._rbio
             if data:
-                size = len(data)
-                if size > COMPACT_MIN:
+                if len(data) > COMPACT_MIN:
                     self._bio_high = True
-                # cffi hands bytes to a void* parameter without a copy.
-                if _BIO_write(rbio, data, size) != size:  # pragma: no cover - memory BIOs grow
+                if _BIO_write(rbio, data, len(data)) != len(data):  # pragma: no cover - as above
                     raise self._fail(SSL.Error([("BIO", "", "memory BIO refused input")]))
-            # Records are decrypted one after another into the scratch buffer
-            # and handed over as one chunk: a 64 KiB read is one bytes object
-            # and one Handler.read call, not four (record boundaries mean
-            # nothing to a byte stream).
-            chunks = []
             buf = _scratch.buf
-            total = 0
-            used = 0
-            while True:
-                n = _SSL_read(ptr, buf + used if used else buf, RECV_SIZE)
-                if n > 0:
-                    used += n
-                    if _BIO_pending(rbio, _NULL) == 0 and (n < RECV_SIZE or _SSL_pending(ptr) == 0):
-                        break
-                    if used > OUTPUT_MAX - RECV_SIZE:  # no room for another record
-                        chunks.append(_unpack(buf, used))
-                        total += used
-                        used = 0
-                    continue
+            chunks = self._read_records(ptr, rbio, buf, _SSL_read(ptr, buf, RECV_SIZE), state)
+        if state is HANDSHAKING:
+            self._check_handshake()
+        elif state is SHUTDOWN_SENT and chunks and not self.read_after_shutdown:
+            # Application data after our close_notify is legal (the peer had
+            # not seen it yet); drain it so it cannot fill memory, drop it.
+            chunks.clear()
+        return chunks
+
+    def _read_records(self, ptr: Any, rbio: Any, buf: Any, n: int, state: State) -> list[bytes]:
+        """The SSL_read loop on the direct path, given the result ``n`` of a first SSL_read.
+
+        Records are decrypted one after another into the scratch buffer and
+        handed over as one chunk: a 64 KiB read is one bytes object and one
+        Handler.read call, not four (record boundaries mean nothing to a
+        byte stream).
+        """
+        chunks: list[bytes] = []
+        used = 0
+        while True:
+            if n > 0:
+                used += n
+                if _BIO_pending(rbio, _NULL) == 0 and (n < RECV_SIZE or _SSL_pending(ptr) == 0):
+                    break
+                if used > OUTPUT_MAX - RECV_SIZE:  # no room for another record
+                    chunks.append(_unpack(buf, used))
+                    used = 0
+            else:
                 err = _SSL_get_error(ptr, n)
                 if err == _WANT_READ:
                     break
@@ -402,18 +422,9 @@ class TLSEngine:
                 except SSL.Error as exc:
                     raise self._fail(exc) from exc
                 raise self._fail(SSL.Error([("SSL", "", f"SSL_read failed ({err})")]))  # pragma: no cover
-            if used:
-                chunks.append(_unpack(buf, used))
-                total += used
-            self.bytes_received += total
-            if state is ESTABLISHED:
-                return chunks
-        if state is HANDSHAKING:
-            self._check_handshake()
-        if state is SHUTDOWN_SENT and chunks and not self.read_after_shutdown:
-            # Application data after our close_notify is legal (the peer had
-            # not seen it yet); drain it so it cannot fill memory, drop it.
-            chunks.clear()
+            n = _SSL_read(ptr, buf + used if used else buf, RECV_SIZE)
+        if used:
+            chunks.append(_unpack(buf, used))
         return chunks
 
     def _receive_public(self, data: bytes, state: State) -> list[bytes]:
@@ -488,10 +499,8 @@ class TLSEngine:
             size = len(data)
             n = _SSL_write(ptr, data, size)  # cffi: bytes to void*, no copy
             if n == size:
-                self.bytes_sent += n
                 return
             if n > 0:  # pragma: no cover - only if whole_writes() could not clear partial writes
-                self.bytes_sent += n
                 self._send_view(memoryview(data)[n:])
             else:
                 self._send_view(memoryview(data), failed=n)
@@ -524,10 +533,8 @@ class TLSEngine:
             # and a memory BIO takes the whole buffer in one SSL_write.
             n = _o.SSL_write(ptr, data, len(data))
             if n == len(data):
-                self.bytes_sent += n
                 return True
             if n > 0:  # pragma: no cover - only if whole_writes() could not clear partial writes
-                self.bytes_sent += n
                 return self._send_view(memoryview(data)[n:])
             return self._send_view(memoryview(data), failed=n)
         return self._send_view(memoryview(data).cast("B"))
@@ -546,7 +553,6 @@ class TLSEngine:
                         self._raise_write_error(n)
                 else:
                     n = self.ssl.send(view)
-                self.bytes_sent += n
                 view = view[n:]
         except SSL.WantReadError:
             if self._deferred is None:
