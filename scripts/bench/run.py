@@ -154,6 +154,23 @@ Ciphersuites = TLS_AES_128_GCM_SHA256
 """
 
 
+def bench_files(directory: Path) -> tuple[Path, Path]:
+    """Write the run's certificate and key, and point the clients at the cipher configuration.
+
+    One fresh ECDSA P-256 certificate per run, shared by every server.
+    OPENSSL_CONF is read by the load generator processes' OpenSSL when they
+    start (spawn); RunningServer removes it from the servers' environment.
+    Returns ``(certificate file, key file)``.
+    """
+    bundle = self_signed()
+    cert, key, conf = directory / "cert.pem", directory / "key.pem", directory / "openssl-client.cnf"
+    cert.write_bytes(bundle.cert_pem)
+    key.write_bytes(bundle.key_pem)
+    conf.write_text(OPENSSL_CONF)
+    os.environ["OPENSSL_CONF"] = str(conf)
+    return cert, key
+
+
 @dataclass(frozen=True)
 class Scenario:
     key: str
@@ -425,15 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs = args.out / f"logs-{stamp}"
     logs.mkdir()
     with tempfile.TemporaryDirectory(prefix="tlsuv-bench-") as tmp:
-        bundle = self_signed()
-        cert, key = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
-        cert.write_bytes(bundle.cert_pem)
-        key.write_bytes(bundle.key_pem)
-        conf = Path(tmp, "openssl-client.cnf")
-        conf.write_text(OPENSSL_CONF)
-        # Read by the load generator processes' OpenSSL when they start (spawn);
-        # RunningServer removes it from the servers' environment.
-        os.environ["OPENSSL_CONF"] = str(conf)
+        cert, key = bench_files(Path(tmp))
         ctx = Context(args, cert, key, logs, server_cpu, client_cpu, {})
         versions = _versions()
         print("tlsuv benchmark: " + ", ".join(f"{k} {v}" for k, v in versions.items()))

@@ -32,8 +32,6 @@ from pathlib import Path
 
 from bench import loadgen, run, servers, workers
 
-import tlsuv
-
 
 def _dump(pid: int, out: Path, before: set[Path]) -> Path:
     subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
@@ -67,14 +65,9 @@ def main() -> int:
                    help="copy both dumps to KEEP.small and KEEP.large (for callgrind_annotate)")
     args = p.parse_args()
     spec = {s.name: s for s in servers.SERVERS}[args.server]
-    bundle = tlsuv.self_signed()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        cert, key = d / "cert.pem", d / "key.pem"
-        cert.write_bytes(bundle.cert_pem)
-        key.write_bytes(bundle.key_pem)
-        conf = d / "openssl-client.cnf"
-        conf.write_text(run.OPENSSL_CONF)
+        cert, key = run.bench_files(d)
         port = servers.free_port()
         out = d / "callgrind.out"
         env = {k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"} | servers.STEADY_MALLOC
@@ -88,7 +81,6 @@ def main() -> int:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError((d / "server.log").read_text(errors="replace")[-2000:])
                 time.sleep(0.2)
-            os.environ["OPENSSL_CONF"] = str(conf)
             target = loadgen.Target(servers.HOST, port, tls=spec.tls,
                                     expect_cipher=loadgen.EXPECTED_CIPHER if spec.tls else None)
             subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)

@@ -24,8 +24,6 @@ from typing import Any
 
 from bench import loadgen, run, servers, workers
 
-import tlsuv
-
 SCENARIOS: dict[str, tuple[str, dict[str, Any], str]] = {
     # name: (job, job arguments, unit)
     "pp1": ("pingpong", {"conns": 1, "size": 64}, "message"),
@@ -85,15 +83,9 @@ def main() -> int:
     args = p.parse_args()
     loadgen.raise_nofile_limit()
     specs = {s.name: s for s in servers.SERVERS}
-    bundle = tlsuv.self_signed()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        cert, key = d / "cert.pem", d / "key.pem"
-        cert.write_bytes(bundle.cert_pem)
-        key.write_bytes(bundle.key_pem)
-        conf = d / "openssl-client.cnf"
-        conf.write_text(run.OPENSSL_CONF)
-        os.environ["OPENSSL_CONF"] = str(conf)  # the clients' cipher choice, as in make bench
+        cert, key = run.bench_files(d)  # the clients' cipher choice too, as in make bench
         for _ in range(args.repeat):
             for name in args.servers.split(","):
                 r = measure(specs[name], args.scenario, cert=cert, key=key, logs=d,
