@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pyuv
@@ -27,6 +27,10 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
 
 import tlsuv
+
+# Spawned by path (servers.py), so the bench package is not on sys.path yet.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.echo_pyuv import serve
 
 GREETING = b"OK\r\n"
 BUFFER_SIZE = 256 * 1024  # a 64 KiB read or write, with room; one buffer for the process
@@ -61,7 +65,7 @@ class FloorEcho:
         if not self.established:
             try:
                 self.conn.do_handshake()
-            except SSL.WantReadError:
+            except SSL.WantReadError:  # the handshake waits for the client's next flight
                 pass
             else:
                 self.established = True
@@ -82,7 +86,7 @@ class FloorEcho:
                 return
             try:
                 sent = os.write(self.fd, _view[:n])
-            except BlockingIOError:
+            except BlockingIOError:  # the socket buffer is full: libuv queues it all below
                 sent = 0
             except OSError:  # the peer reset: the bench closes that way
                 tcp.stop_read()
@@ -100,23 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--key", required=True)
     args = p.parse_args(argv)
     context = tlsuv.server_context(tlsuv.load_bundle(args.cert, args.key))
-    loop = pyuv.Loop.default_loop()
-    server = pyuv.TCP(loop)
-    server.bind((args.host, args.port))
-
-    def on_connection(listener: pyuv.TCP, error: int | None) -> None:
-        if error is None:
-            tcp = pyuv.TCP(loop)
-            listener.accept(tcp)
-            tcp.nodelay(True)
-            FloorEcho(tcp, context)  # the handle's read callback keeps it alive
-
-    server.listen(on_connection, 1024)
-    stop = pyuv.Signal(loop)
-    stop.start(lambda handle, signum: loop.stop(), signal.SIGTERM)
-    stop.ref = False
-    print(f"floor TLS echo server listening on {args.host}:{args.port}", flush=True)
-    loop.run()
+    serve(args.host, args.port, "floor TLS echo server", lambda tcp: FloorEcho(tcp, context))
     return 0
 
 

@@ -15,7 +15,7 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyuv
 
@@ -36,9 +36,9 @@ class Echo:
         if tcp.write_queue_size == 0:
             try:
                 n = os.write(self.fd, data)
-            except BlockingIOError:
+            except BlockingIOError:  # the socket buffer is full: libuv queues it all below
                 n = 0
-            except OSError:
+            except OSError:  # the peer reset (the bench closes that way): the connection is over
                 self.close()
                 return
             if n == len(data):
@@ -58,29 +58,37 @@ class Echo:
             self.tcp.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    args = p.parse_args(argv)
+def serve(host: str, port: int, label: str, on_accept: Callable[[pyuv.TCP], object]) -> None:
+    """Listen, hand every accepted handle (TCP_NODELAY set) to ``on_accept``, run until SIGTERM.
+
+    Shared with echo_floor.py: the handle's read callback keeps whatever
+    ``on_accept`` makes alive, so nothing else holds the connections.
+    """
     loop = pyuv.Loop.default_loop()
     server = pyuv.TCP(loop)
-    server.bind((args.host, args.port))
+    server.bind((host, port))
 
     def on_connection(listener: pyuv.TCP, error: int | None) -> None:
-        if error is not None:
-            return
-        tcp = pyuv.TCP(loop)
-        listener.accept(tcp)
-        tcp.nodelay(True)
-        Echo(tcp)
+        if error is None:
+            tcp = pyuv.TCP(loop)
+            listener.accept(tcp)
+            tcp.nodelay(True)
+            on_accept(tcp)
 
     server.listen(on_connection, 1024)
     stop = pyuv.Signal(loop)
     stop.start(lambda handle, signum: loop.stop(), signal.SIGTERM)
     stop.ref = False
-    print(f"pyuv plain echo server listening on {args.host}:{args.port}", flush=True)
+    print(f"{label} listening on {host}:{port}", flush=True)
     loop.run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    args = p.parse_args(argv)
+    serve(args.host, args.port, "pyuv plain echo server", Echo)
     return 0
 
 
