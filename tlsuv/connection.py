@@ -122,6 +122,7 @@ class Connection:
         "_in_read",
         "_last_activity",
         "_on_gone",
+        "_on_proxy_header",
         "_options",
         "_pending",
         "_proxy",
@@ -155,6 +156,7 @@ class Connection:
         options: ConnectionOptions,
         on_gone: Callable[[Connection], None] | None = None,
         server_side: bool = True,
+        on_proxy_header: Callable[[Connection], BaseException | None] | None = None,
         server_hostname: str | None = None,
     ) -> None:
         self._tcp = tcp
@@ -162,6 +164,7 @@ class Connection:
         self._pending = pending
         self._options = options
         self._on_gone = on_gone
+        self._on_proxy_header = on_proxy_header  # the server's per-client limits (tlsuv.limits)
         self._tls = TLSEngine(
             context,
             server_side=server_side,
@@ -515,6 +518,12 @@ class Connection:
             self.peer, self.sockname = header.source, header.destination
         log.debug("%s: PROXY v%d header from %s%s", _fmt(self.peer), header.version,
                   _fmt(self.proxy_peer), " (LOCAL)" if header.local else "")
+        # -- per-client limits: the real client is known only now; the server may refuse it.
+        refusal = self._on_proxy_header(self) if self._on_proxy_header is not None else None
+        if refusal is not None:
+            self._finish(refusal)  # nothing was sent yet, and TLS has nothing to say
+            return b""
+        # --
         if self._timer_phase == "proxy header":
             if self._options.handshake_timeout is not None:
                 self._arm_timer("handshake", self._options.handshake_timeout)

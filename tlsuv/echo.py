@@ -3,7 +3,8 @@
 Every connection gets ``OK\\r\\n`` the moment it is accepted -- before the TLS
 handshake, so that write takes the deferred path, as in the seed -- and then
 every byte it sends comes back.  A peer that does not read its echoes is
-paused (flow control) instead of growing our memory.
+paused (flow control) instead of growing our memory.  ``SIGHUP`` reloads the
+certificate files (:mod:`tlsuv.reload`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 
 import pyuv
 
-from . import _cli, policy, workers
+from . import _cli, limits, policy, reload, workers
 from .certs import CertificateError, load_bundle, self_signed
 from .connection import Connection, ConnectionOptions
 from .handler import Handler
@@ -65,10 +66,14 @@ def build_parser() -> _cli.ArgumentParser:
                    help="how long a graceful close waits for the peer (default 5)")
     p.add_argument("--max-connections", type=_cli.positive_int, default=None, metavar="N",
                    help="refuse new connections beyond N open ones (default: no limit)")
+    p.add_argument("--max-connections-per-ip", type=_cli.positive_int, default=None, metavar="N",
+                   help="refuse a client address's connections beyond N open ones (after the PROXY "
+                        "header, the client's own address; default: no limit)")
     p.add_argument("--grace", type=_cli.positive_float, default=5.0, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, wait this long for connections to close (default 5)")
     p.add_argument("--log-level", choices=_cli.LOG_LEVELS, default="info")
     policy.add_arguments(p)  # --alpn, --client-ca, --sni, --tls-min/max, --ciphers, --keylog...
+    reload.add_arguments(p)  # --reload-interval
     workers.add_arguments(p)  # --workers, --stats-interval, --proxy-protocol, --proxy-from...
     return p
 
@@ -77,12 +82,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (args.cert is None) != (args.key is None):
         _cli.fail("python -m tlsuv.echo: error: --cert and --key go together")
+    files = reload.files_from_args(args)
+    if args.reload_interval is not None and not files.paths():
+        _cli.fail("python -m tlsuv.echo: error: --reload-interval needs files to watch "
+                  "(--cert/--key, --sni or --client-ca)")
     _cli.setup_logging(args.log_level)
     try:
         bundle = load_bundle(args.cert, args.key) if args.cert is not None else self_signed()
-        context = policy.context_from_args(args, bundle)
+        # Built from the files as the reloader reads them, so that what it
+        # serves is what it compares when polling (tlsuv.reload).
+        reloader = reload.Reloader(files, policy.policy_from_args(args, bundle),
+                                   interval=args.reload_interval)
     except (CertificateError, policy.PolicyError) as exc:
         _cli.fail(f"python -m tlsuv.echo: error: {exc}")
+    context = reloader.context
+    _raise_open_file_limit(args.max_connections)  # before forking: workers inherit it
     options = ConnectionOptions(
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
@@ -98,11 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         shown = f"[{host}]" if ":" in host else host
         print(f"tlsuv echo server listening on {shown}:{port}", flush=True)
 
+    def make_server(lp: pyuv.Loop) -> Server:
+        server = Server(lp, context, echo_factory, options=options, max_connections=args.max_connections,
+                        max_connections_per_ip=args.max_connections_per_ip)
+        reloader.start(lp)  # SIGHUP and --reload-interval, in each worker
+        return server
+
     if args.workers > 1:  # forks, so before this process makes any loop (tlsuv.workers)
-        return workers.run_cli(args, lambda lp: Server(
-            lp, context, echo_factory, options=options, max_connections=args.max_connections), announce)
+        return workers.run_cli(args, make_server, announce)
     loop = pyuv.Loop()
-    server = Server(loop, context, echo_factory, options=options, max_connections=args.max_connections)
+    server = make_server(loop)
     try:
         host, port = server.listen(args.host, args.port)
     except ServerError as exc:
@@ -113,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals: list[pyuv.Signal] = []
 
     def done() -> None:
+        reloader.close()
         for h in signals:
             h.close()
 
@@ -131,6 +151,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         signals.append(h)
     loop.run()
     return 0
+
+
+# Descriptors a server needs besides its connections: the interpreter's own,
+# libuv's, the listener, log and key-log files, the reserve (tlsuv.limits).
+FD_OVERHEAD = 64
+
+
+def _raise_open_file_limit(max_connections: int | None) -> None:
+    before, after = limits.raise_open_file_limit()
+    if after != before:
+        log.info("open file limit raised from %d to %d (the hard limit)", before, after)
+    else:
+        log.info("open file limit: %d", after)
+    if max_connections is not None and max_connections + FD_OVERHEAD > after:
+        log.warning("--max-connections %d needs about %d file descriptors, above the limit of %d: "
+                    "raise the hard limit (ulimit -Hn, systemd's LimitNOFILE=)",
+                    max_connections, max_connections + FD_OVERHEAD, after)
 
 
 if __name__ == "__main__":

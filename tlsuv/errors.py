@@ -84,3 +84,7 @@ class HandlerError(TLSUVError):
 
 class ProtocolError(TLSUVError):
     """The peer broke a framing rule outside TLS itself (e.g. a PROXY header)."""
+
+
+class RefusedError(TLSUVError):
+    """The server refused the connection: one of its limits (connections per client) was reached."""
