@@ -288,6 +288,7 @@ def test_max_connections_per_ip_refuses_at_once_and_counts(certs: Certs) -> None
         first.settimeout(10)
         first.unwrap()
         first.close()
+        sup.wait_for(r"stats: workers=1 open=1 ", start=len(sup.lines))  # the server saw it go
         third = start_handshake(certs, sup.port)  # a slot is free again
         assert finish_handshake(third, time.monotonic() + 15)
         echoes(third)

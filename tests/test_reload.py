@@ -164,7 +164,7 @@ def _missing(site: Site, certs: Certs) -> Path:
     (_mismatched_key, "key does not match the certificate"),
     (_half_written_chain, "is damaged or incomplete: 2 certificates begin but 1 certificate(s) parse"),
     (_garbage_certificate, "holds no valid PEM certificate"),
-    (_missing, "cannot read key file .*: No such file or directory"),
+    (_missing, "key file not found: "),
 ], ids=["garbage key", "mismatched key", "half-written chain", "garbage certificate", "missing key"])
 def test_a_bad_reload_keeps_the_old_certificate_and_says_why_in_one_line(
         certs: Certs, tmp_path: Path, breakage: object, reason: str) -> None:
@@ -184,7 +184,7 @@ def test_a_bad_reload_keeps_the_old_certificate_and_says_why_in_one_line(
         assert len(lines) == 1, lines
         assert re.search(r"ERROR tlsuv.reload: SIGHUP: reload failed, still serving the previous "
                          r"certificates: .*" + re.escape(str(culprit)), lines[0]), lines[0]
-        assert re.search(re.escape(reason) if "*" not in reason else reason, lines[0]), lines[0]
+        assert reason in lines[0], lines[0]
         # Fixed files are picked up by the next signal.
         fixed = certs.ca.issue_cert(*NAMES)
         files.put(fixed)
@@ -451,8 +451,9 @@ def test_expiry_is_logged_and_warned_two_weeks_ahead(
     leaf = certs.ca.issue_cert(*NAMES, not_before=now - datetime.timedelta(days=30),
                                not_after=now + datetime.timedelta(days=days, hours=-1))
     files = site(tmp_path, leaf)
+    reloader = Reloader(CertificateFiles(cert=str(files.cert), key=str(files.key)))
     with caplog.at_level(logging.INFO, logger="tlsuv.reload"):
-        reloader = Reloader(CertificateFiles(cert=str(files.cert), key=str(files.key)))
+        reloader.log_certificates()  # what the echo server logs at start, and after each reload
     records = [r for r in caplog.records if r.name == "tlsuv.reload"]
     assert len(records) == 1 and records[0].levelno == level and text in records[0].getMessage()
     caplog.clear()

@@ -96,7 +96,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CertificateError, policy.PolicyError) as exc:
         _cli.fail(f"python -m tlsuv.echo: error: {exc}")
     context = reloader.context
-    _raise_open_file_limit(args.max_connections)  # before forking: workers inherit it
     options = ConnectionOptions(
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
@@ -104,8 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         allow_client_renegotiation=args.allow_client_renegotiation,
         proxy=workers.proxy_options(args),
     )
+    open_files = limits.raise_open_file_limit()  # before forking: workers inherit it
 
     def announce(host: str, port: int) -> None:
+        # Once serving (so a bad argument or address stays a single line): what, with which limit.
+        reloader.log_certificates()
+        _log_open_file_limit(open_files, args.max_connections)
         if args.cert is None:
             print(f"self-signed certificate for localhost, 127.0.0.1, ::1; "
                   f"SHA-256 fingerprint {bundle.fingerprint}", flush=True)
@@ -158,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 FD_OVERHEAD = 64
 
 
-def _raise_open_file_limit(max_connections: int | None) -> None:
-    before, after = limits.raise_open_file_limit()
+def _log_open_file_limit(limit: tuple[int, int], max_connections: int | None) -> None:
+    before, after = limit
     if after != before:
         log.info("open file limit raised from %d to %d (the hard limit)", before, after)
     else:

@@ -121,7 +121,7 @@ class CertificateFiles:
     def read(self) -> Snapshot:
         """Every file's bytes (or why it could not be read), and their digest."""
         data: dict[str, bytes] = {}
-        errors: dict[str, str] = {}
+        errors: dict[str, OSError] = {}
         digest = hashlib.sha256()
         for _, path in self.paths():
             if path in data or path in errors:
@@ -130,8 +130,8 @@ class CertificateFiles:
                 with open(path, "rb") as f:
                     content = f.read()
             except OSError as exc:
-                errors[path] = exc.strerror or str(exc)
-                entry = b"error:" + errors[path].encode()
+                errors[path] = exc
+                entry = b"error:" + str(exc.errno).encode()
             else:
                 data[path] = content
                 entry = b"data:" + content
@@ -166,13 +166,19 @@ class Snapshot:
     """What one read of the files found."""
 
     data: dict[str, bytes]
-    errors: dict[str, str]
+    errors: dict[str, OSError]
     digest: bytes
 
     def get(self, path: str, what: str) -> bytes:
-        if path in self.errors:
-            raise CertificateError(f"cannot read {what} file {path}: {self.errors[path]}")
-        return self.data[path]
+        """The bytes read from ``path``; :class:`CertificateError` saying why there are none."""
+        exc = self.errors.get(path)
+        if exc is None:
+            return self.data[path]
+        if isinstance(exc, FileNotFoundError):
+            raise CertificateError(f"{what} file not found: {path}") from exc
+        if isinstance(exc, IsADirectoryError):
+            raise CertificateError(f"{what} file is a directory: {path}") from exc
+        raise CertificateError(f"cannot read {what} file {path}: {exc.strerror or exc}") from exc
 
 
 class Reloader:
@@ -181,9 +187,10 @@ class Reloader:
     Building one reads the files and builds the Contexts (raising
     :class:`~tlsuv.certs.CertificateError` or
     :class:`~tlsuv.policy.PolicyError`, as at any start); give
-    :attr:`context` to :class:`~tlsuv.Server`, then :meth:`start` on the
-    server's loop.  ``settings`` carries everything that is not a file (ALPN,
-    versions, ...) and the certificates that are not from files.  The
+    :attr:`context` to :class:`~tlsuv.Server`, :meth:`log_certificates`
+    to say what is served, then :meth:`start` on the server's loop.
+    ``settings`` carries everything that is not a file (ALPN, versions,
+    ...) and the certificates that are not from files.  The
     counters are for monitoring: :attr:`reloads_ok`, :attr:`reloads_failed`,
     :attr:`last_reload` (wall-clock time of the last good load; the first
     load counts) and :attr:`last_error`.
@@ -209,7 +216,6 @@ class Reloader:
         self.last_reload = time.time()
         self.last_error: str | None = None
         self._handles: list[pyuv.Handle] = []
-        self.log_certificates()
 
     @property
     def context(self) -> SSL.Context:

@@ -244,9 +244,10 @@ class Server:
                 return
         self.accepted += 1
         tcp.nodelay(True)  # TLS records are already batched per loop iteration
+        per_client = proxied and self._clients is not None  # counted once the header names the client
         conn = Connection(tcp, self.context, self.handler_factory, pending=self.pending,
                           options=self.options, on_gone=self._gone,
-                          on_proxy_header=self._admit_proxied if proxied and self._clients is not None else None)
+                          on_proxy_header=self._admit_proxied if per_client else None)
         if client is not None:
             self._client_of[conn] = client
         if conn.sockname == self._sockname:
