@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import grp
 import logging
 import os
 import re
@@ -466,3 +467,50 @@ def test_context_set_is_what_build_server_context_returns(certs: Certs) -> None:
     contexts: ContextSet = build_context_set(ServerPolicy(certificate=_bundle(certs.ca.issue_cert(*NAMES))))
     assert contexts.default is contexts.front and dict(contexts.sni) == {}
     assert contexts.served()[0][0] == "default certificate"
+
+
+# -- the documented certbot deploy hook -------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _hook_from_docs(source: str) -> str:
+    if source == "docs/deployment.md":
+        blocks = re.findall(r"```sh\n(.*?)```", (ROOT / source).read_text(), re.S)
+        hooks = [b for b in blocks if b.startswith("#!/bin/sh") and "RENEWED_LINEAGE" in b]
+    else:  # README.md: the hook inline in the certbot command
+        hooks = re.findall(r"--deploy-hook '(.*?)'\n```", (ROOT / source).read_text(), re.S)
+    assert len(hooks) == 1, f"{source}: {len(hooks)} deploy hooks"
+    hook: str = hooks[0]
+    return hook
+
+
+@pytest.mark.parametrize("source", ["docs/deployment.md", "README.md"])
+def test_the_documented_certbot_deploy_hook_reloads_a_running_server(
+        certs: Certs, tmp_path: Path, source: str) -> None:
+    """The hook as the documentation prints it, with only its paths, group and reload command
+    pointed at this test (certbot sets RENEWED_LINEAGE to the renewed live directory)."""
+    old, renewed = certs.ca.issue_cert(*NAMES), certs.ca.issue_cert(*NAMES)
+    dest = tmp_path / "etc-tlsuv"
+    dest.mkdir()
+    served_files = Site(dest / "fullchain.pem", dest / "privkey.pem")
+    served_files.put(old)
+    live = tmp_path / "live" / "tls.example.com"
+    live.mkdir(parents=True)
+    (live / "fullchain.pem").write_bytes(b"".join(p.bytes() for p in renewed.cert_chain_pems))
+    (live / "privkey.pem").write_bytes(renewed.private_key_pem.bytes())
+    with echo("--cert", str(served_files.cert), "--key", str(served_files.key)) as sup:
+        assert served(certs, sup.port) == der(old)
+        hook = _hook_from_docs(source)
+        for doc, here in (("/etc/tlsuv", str(dest)), ("tlsuv-certs", grp.getgrgid(os.getgid()).gr_name),
+                          ("systemctl reload tlsuv", f"kill -HUP {sup.proc.pid}")):
+            assert doc in hook, f"{source}'s hook no longer mentions {doc}"
+            hook = hook.replace(doc, here)
+        mark = len(sup.lines)
+        subprocess.run(["sh", "-c", hook], env={**os.environ, "RENEWED_LINEAGE": str(live)},
+                       check=True, timeout=30)
+        sup.wait_for(r"SIGHUP: certificates reloaded", start=mark)
+        assert served(certs, sup.port) == der(renewed)
+        assert (served_files.key.stat().st_mode & 0o777) == 0o640
+        assert sorted(p.name for p in dest.iterdir()) == ["fullchain.pem", "privkey.pem"]
+        assert not problems(sup, mark)

@@ -143,7 +143,7 @@ class ServerPolicy:
     keylog: str | Path | None = None
     session_tickets: bool = True
     session_cache: bool = True
-    # Seconds a session stays resumable; None keeps OpenSSL's default (300).
+    # Seconds a session stays resumable; None keeps OpenSSL's default (7200 since OpenSSL 1.1.1).
     session_timeout: int | None = None
 
 

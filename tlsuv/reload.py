@@ -57,8 +57,8 @@ The traps, and how each is handled
 * **Session tickets survive reloads.**  The ticket keys belong to the front
   Context, which a reload never replaces (:mod:`tlsuv.policy`), so a ticket
   issued before a reload resumes after it, on any worker, until it expires
-  (OpenSSL's session timeout, 300 s unless ``ServerPolicy.session_timeout``
-  says otherwise).  A resumed session skips the certificate: such a client
+  (OpenSSL's session timeout: 2 hours unless
+  ``ServerPolicy.session_timeout`` says otherwise).  A resumed session skips the certificate: such a client
   still has the old certificate's session.  After a key compromise,
   restart: a new process has new ticket keys.
 
