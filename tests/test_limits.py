@@ -346,7 +346,7 @@ def test_client_counts() -> None:
     for _ in range(2):
         counts.release("192.0.2.1")
     counts.release("192.0.2.2")
-    assert len(counts) == 0  # nothing kept for clients that left
+    assert counts.clients() == 0  # nothing kept for clients that left
     with pytest.raises(ValueError, match="at least 1"):
         ClientCounts(0)
 

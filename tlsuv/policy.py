@@ -444,6 +444,8 @@ class ContextSet:
             if changed:
                 raise PolicyError(f"a reload changes certificates, keys and CA files, not settings: "
                                   f"{', '.join(changed)} differ (restart to change them)")
+        if self._keylog is None and policy.keylog is not None:  # a set made by hand, not by policy
+            self._keylog = KeyLog(policy.keylog)
         default, by_name, built = _build_contexts(policy, self._keylog)
         self.swap(default, by_name)
         self.policy = built

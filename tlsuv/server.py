@@ -103,6 +103,7 @@ class Server:
         self._accept_paused_at: float | None = None
         self._accept_retry = RETRY_MIN
         self._exhausted_log = Throttle()
+        self._accept_error_log = Throttle()
         # Counters for logs and stats.
         self.accepted = 0
         self.refused = 0  # every refusal, the per-client ones included
@@ -198,8 +199,11 @@ class Server:
         if error is not None:
             if error in (pyuv.errno.UV_EMFILE, pyuv.errno.UV_ENFILE):
                 self._out_of_descriptors()
-            else:
-                log.warning("accept failed: %s", pyuv.errno.strerror(error))
+            elif (held := self._accept_error_log.ready(self.loop.now() / 1000)) is not None:
+                # libuv tries again at once: an error that persists (ENOBUFS) comes back
+                # at every try, and one line per try would fill the disk.
+                more = f" ({held} more since the last report)" if held else ""
+                log.warning("accept failed: %s%s", pyuv.errno.strerror(error), more)
             return
         if self._reserve is not None and not self._reserve.headroom():
             # Leave this connection with libuv, which stops watching the
