@@ -132,6 +132,18 @@ class RawTLSClient:
         self._flush()
         return True
 
+    def pump(self) -> None:
+        """Send what OpenSSL has for the server, then hand it one chunk from the socket, unread.
+
+        Unlike the other steps this does not call SSL_read: a handshake driven
+        by ``do_handshake`` and this leaves the client's last flight unsent.
+        """
+        self._flush()
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("server closed the connection")
+        self.ssl.bio_write(data)
+
     def handshake(self) -> None:
         while True:
             try:
