@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable
 
 import pytest
-from clients import GREETING, RawTLSClient
+from clients import RawTLSClient
 from conftest import Certs, Recorder, ServerThread, recv_exactly
+from helpers import GREETING
 from OpenSSL import SSL
 
 import tlsuv

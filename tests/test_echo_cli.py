@@ -17,6 +17,7 @@ import pytest
 from conftest import Certs, recv_exactly
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import GREETING
 
 ECHO = [sys.executable, "-m", "tlsuv.echo"]
 
@@ -105,7 +106,7 @@ def test_signal_stops_cleanly_with_exit_0(certs: Certs, signum: int) -> None:
     try:
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         with certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
-            assert recv_exactly(s, 4) == b"OK\r\n"
+            assert recv_exactly(s, 4) == GREETING
             os.kill(proc.pid, signum)
             # A graceful stop sends close_notify: a clean EOF, not a reset or truncation.
             assert s.recv(10) == b""
@@ -128,7 +129,7 @@ def test_self_signed_certificate_and_fingerprint() -> None:
         with ctx.wrap_socket(raw, server_hostname="localhost") as s:
             der = s.getpeercert(binary_form=True)
             assert der is not None
-            assert recv_exactly(s, 4) == b"OK\r\n"
+            assert recv_exactly(s, 4) == GREETING
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:
@@ -155,7 +156,7 @@ def test_second_signal_aborts_at_once(certs: Certs) -> None:
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s = certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost")
-        assert recv_exactly(s, 4) == b"OK\r\n"
+        assert recv_exactly(s, 4) == GREETING
         # Fill the server's send side: it cannot finish a graceful close while we do not read.
         s.setblocking(False)
         for _ in range(2000):
@@ -186,7 +187,7 @@ def test_log_levels(certs: Certs) -> None:
             bad_port = bad.getsockname()[1]
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         with certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
-            assert recv_exactly(s, 4) == b"OK\r\n"
+            assert recv_exactly(s, 4) == GREETING
             good_port = s.getsockname()[1]
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=15)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Certs, ServerThread, recv_exactly
+from helpers import GREETING
 
 import tlsuv
 from tlsuv.echo import EchoHandler
@@ -66,9 +67,6 @@ def documented_config() -> str:
         assert config.count(documented) == 1, f"docs/deployment.md no longer says {documented!r}"
         config = config.replace(documented, ours)
     return config
-
-
-GREETING = b"OK\r\n"
 
 
 @dataclass

@@ -17,8 +17,9 @@ import weakref
 from collections.abc import Callable
 
 import pytest
-from clients import GREETING, RawTLSClient
+from clients import RawTLSClient
 from conftest import Certs, Recorder, ServerThread, recv_exactly, server_thread
+from helpers import GREETING
 from OpenSSL import SSL
 
 import tlsuv

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from conftest import Certs, ServerThread, TLSFiles, recv_exactly
 from cryptography import x509
-from peers import GREETING, Interactive, echo_cli, require_tool
+from helpers import GREETING
+from peers import Interactive, echo_cli, require_tool
 
 import tlsuv
 from tlsuv.echo import EchoHandler

@@ -11,8 +11,9 @@ import threading
 import time
 
 import pytest
-from clients import GREETING, RawTLSClient
+from clients import RawTLSClient
 from conftest import Certs, ServerThread, recv_exactly, server_thread
+from helpers import GREETING
 from OpenSSL import SSL
 
 import tlsuv

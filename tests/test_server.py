@@ -15,8 +15,9 @@ import threading
 from typing import IO
 
 import pytest
-from clients import GREETING, echo_session, pyopenssl_stream
+from clients import echo_session, pyopenssl_stream
 from conftest import Certs, Recorder, recv_exactly, server_thread
+from helpers import GREETING
 from OpenSSL import SSL
 
 import tlsuv

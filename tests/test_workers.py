@@ -22,13 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clients import echo_once, tls_client
 from conftest import Certs, recv_exactly
+from helpers import GREETING
 
 from tlsuv.proxy import V2_SIGNATURE
 from tlsuv.workers import available_cpus, worker_count
 
 ECHO = [sys.executable, "-m", "tlsuv.echo"]
-GREETING = b"OK\r\n"
 
 
 class Supervised:
@@ -110,25 +111,6 @@ def echo_workers(certs: Certs, *args: str) -> Iterator[Supervised]:
     finally:
         sup.stop()
         assert not any("Traceback" in line for line in sup.lines), "\n".join(sup.lines)
-
-
-def tls_client(certs: Certs, port: int) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-    # suppress_ragged_eofs=False: a TCP close without close_notify raises
-    # instead of looking like a clean end, so tests can tell the two apart.
-    return certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost",
-                                                  suppress_ragged_eofs=False)
-
-
-def echo_once(certs: Certs, port: int, payload: bytes = b"ping") -> int:
-    """One full, cleanly closed echo session; returns the client's local port."""
-    with tls_client(certs, port) as s:
-        local = int(s.getsockname()[1])
-        assert recv_exactly(s, len(GREETING)) == GREETING
-        s.sendall(payload)
-        assert recv_exactly(s, len(payload)) == payload
-        s.unwrap()  # close_notify, so the server counts a clean close
-    return local
 
 
 def serving_worker(sup: Supervised, local_port: int) -> int:
