@@ -71,7 +71,9 @@ class Interactive:
     def _pump(self, timeout: float) -> bool:
         """Read what is available within ``timeout``; False once both streams ended."""
         if not self._sel.get_map():
-            time.sleep(min(timeout, 0.01))
+            # Both streams ended: what is left to wait for is the process's exit.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
             return False
         for key, _ in self._sel.select(timeout):
             stream, buf = self._streams[key.fd]

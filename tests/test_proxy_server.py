@@ -69,10 +69,7 @@ def wait_closed(handler: tlsuv.Handler, timeout: float = 10.0) -> BaseException 
 
 
 def only_handler(st: ServerThread, timeout: float = 10.0) -> Watcher:
-    deadline = time.monotonic() + timeout
-    while not st.handlers:
-        assert time.monotonic() < deadline, "no connection reached the server"
-        time.sleep(0.01)
+    st.wait_for(lambda: st.handlers, timeout, what="a connection to reach the server")
     (h,) = st.handlers
     assert isinstance(h, Watcher)
     return h
@@ -206,10 +203,7 @@ def test_sources_outside_allow_from_are_refused_at_accept(certs: Certs) -> None:
             # The header may arrive after the close; the kernel then answers RST.
             with contextlib.suppress(ConnectionResetError):
                 assert refused.recv(100) == b""
-        deadline = time.monotonic() + 10
-        while st.call(lambda: st.server.refused) != 1:
-            assert time.monotonic() < deadline, "the connection was not refused"
-            time.sleep(0.01)
+        st.wait_for(lambda: st.server.refused == 1, what="the server to refuse the connection")
         assert st.handlers == []  # no handler, no TLS state for an untrusted source
         assert st.call(lambda: st.server.accepted) == 0
 
