@@ -216,6 +216,26 @@ class ServerThread:
         """Poll ``predicate`` on the loop thread until it holds; fail after ``timeout``."""
         wait_until(lambda: self.call(predicate), timeout=timeout, what=what)
 
+    def pass_time(self, seconds: float, timeout: float = 10.0) -> None:
+        """Return once the loop has run every timer due within ``seconds`` from now.
+
+        libuv runs timers in order of due time (and of starting, among equals),
+        so a marker timer started now fires after every timer already due by
+        then: a test that something did *not* time out waits exactly that long,
+        on the server's own clock, instead of sleeping with a guessed margin.
+        """
+        fired = threading.Event()
+
+        def start() -> None:
+            def fire(timer: pyuv.Timer) -> None:
+                timer.close()
+                fired.set()
+
+            pyuv.Timer(self.loop).start(fire, seconds, 0.0)
+
+        self.call(start)
+        assert fired.wait(seconds + timeout), f"the server's loop did not get {seconds} s further"
+
     def open_handles(self) -> dict[str, int]:
         """Open libuv handles by type, e.g. {"TCP": 3, "Timer": 1}."""
         def count() -> dict[str, int]:
