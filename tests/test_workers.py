@@ -18,13 +18,13 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from clients import echo_once, tls_client
 from conftest import Certs, recv_exactly
-from helpers import GREETING
+from helpers import GREETING, wait_until
 
 from tlsuv.proxy import V2_SIGNATURE
 from tlsuv.workers import available_cpus, worker_count
@@ -60,7 +60,9 @@ class Supervised:
                 self._cond.notify_all()
 
     def wait_for(self, pattern: str, timeout: float = 15.0, stream: list[str] | None = None,
-                 start: int = 0) -> re.Match[str]:
+                 start: int = 0, accept: Callable[[re.Match[str]], bool] | None = None) -> re.Match[str]:
+        """The first line from ``start`` on that matches ``pattern`` (and that ``accept`` takes),
+        waiting for the process to print it."""
         lines = self.lines if stream is None else stream
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
@@ -68,7 +70,7 @@ class Supervised:
             while True:
                 for line in lines[start:]:
                     m = regex.search(line)
-                    if m:
+                    if m and (accept is None or accept(m)):
                         return m
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.proc.poll() is not None and not self._readers_alive()):
@@ -267,24 +269,23 @@ def test_workers_drain_when_the_supervisor_dies(certs: Certs) -> None:
     with echo_workers(certs, "--workers", "2") as sup:
         pids = sup.worker_pids(2)
         sup.signal(signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while not all(_dead(p) for p in pids.values()):
-            assert time.monotonic() < deadline, "orphaned workers kept running"
-            time.sleep(0.05)
+        wait_until(lambda: all(_dead(p) for p in pids.values()), what="the orphaned workers to exit")
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", sup.port), timeout=5).close()
 
 
 def _stats(sup: Supervised, **want: int) -> dict[str, int]:
-    """Wait for a stats line whose counters match ``want``; return all of its counters."""
-    deadline = time.monotonic() + 15
-    while True:
-        m = sup.wait_for(r"stats: (.*)$", start=len(sup.lines) - 1)
-        values = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
-        if all(values.get(k) == v for k, v in want.items()):
-            return values
-        assert time.monotonic() < deadline, f"stats never reached {want}; last: {values}"
-        time.sleep(0.1)
+    """Wait for a stats line, printed from now on, whose counters match ``want``; return them all.
+
+    Only new lines count: a line from before what the test just did would prove nothing.
+    """
+
+    def counters(m: re.Match[str]) -> dict[str, int]:
+        return {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+
+    m = sup.wait_for(r"stats: (.*)$", start=len(sup.lines),
+                     accept=lambda m: all(counters(m).get(k) == v for k, v in want.items()))
+    return counters(m)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
