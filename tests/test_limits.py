@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 from conftest import Certs, Recorder, recv_exactly, server_thread
-from test_workers import ECHO, GREETING, Supervised
+from helpers import GREETING
+from test_workers import ECHO, Supervised
 
 from tlsuv.errors import RefusedError
 from tlsuv.limits import ClientCounts, Throttle, client_key, raise_open_file_limit

@@ -26,8 +26,9 @@ import trustme
 from conftest import Certs, ServerThread, recv_exactly, server_thread
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from helpers import GREETING
 from OpenSSL import SSL
-from test_workers import ECHO, GREETING, Supervised
+from test_workers import ECHO, Supervised
 
 import tlsuv
 from tlsuv.certs import CertificateError

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import pyuv
 
 from . import _cli, limits, policy, reload, workers
+from ._uv import format_address
 from .certs import CertificateError, load_bundle, self_signed
 from .connection import Connection, ConnectionOptions
 from .handler import Handler
@@ -74,7 +75,8 @@ def build_parser() -> _cli.ArgumentParser:
     p.add_argument("--log-level", choices=_cli.LOG_LEVELS, default="info")
     policy.add_arguments(p)  # --alpn, --client-ca, --sni, --tls-min/max, --ciphers, --keylog...
     reload.add_arguments(p)  # --reload-interval
-    workers.add_arguments(p)  # --workers, --stats-interval, --proxy-protocol, --proxy-from...
+    workers.add_arguments(p)  # --workers, --stats-interval
+    _cli.add_proxy_arguments(p)
     return p
 
 
@@ -101,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle_timeout=args.idle_timeout,
         close_timeout=args.close_timeout,
         allow_client_renegotiation=args.allow_client_renegotiation,
-        proxy=workers.proxy_options(args),
+        proxy=_cli.proxy_options(args, "python -m tlsuv.echo"),
     )
     open_files = limits.raise_open_file_limit()  # before forking: workers inherit it
 
@@ -112,8 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cert is None:
             print(f"self-signed certificate for localhost, 127.0.0.1, ::1; "
                   f"SHA-256 fingerprint {bundle.fingerprint}", flush=True)
-        shown = f"[{host}]" if ":" in host else host
-        print(f"tlsuv echo server listening on {shown}:{port}", flush=True)
+        print(f"tlsuv echo server listening on {format_address((host, port))}", flush=True)
 
     def make_server(lp: pyuv.Loop) -> Server:
         server = Server(lp, context, echo_factory, options=options, max_connections=args.max_connections,
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             h.close()
 
     def on_signal(handle: pyuv.Signal, signum: int) -> None:
-        if server._closing:
+        if server.closing:
             log.info("second signal: aborting all connections")
             server.abort()
             return

@@ -78,6 +78,7 @@ from .certs import (
     covers,
     load_bundle,
     new_context,
+    read_file,
     self_signed,
     server_context,
 )
@@ -201,14 +202,7 @@ def _read_ca_file(path: str | Path | bytes, what: str) -> list[x509.Certificate]
             return x509.load_pem_x509_certificates(path)
         except ValueError:
             raise CertificateError(f"{what} data holds no valid PEM certificate") from None
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise CertificateError(f"{what} file not found: {path}") from None
-    except IsADirectoryError:
-        raise CertificateError(f"{what} file is a directory: {path}") from None
-    except OSError as exc:
-        raise CertificateError(f"cannot read {what} file {path}: {exc.strerror}") from exc
+    data = read_file(path, what)
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError:

@@ -27,7 +27,8 @@ from typing import Final
 import pyuv
 from OpenSSL import SSL
 
-from .connection import Connection, ConnectionOptions, _address, _fmt
+from ._uv import format_address, socket_address, uv_error_text
+from .connection import Connection, ConnectionOptions
 from .errors import RefusedError, TLSUVError
 from .handler import HandlerFactory
 from .limits import (
@@ -130,16 +131,15 @@ class Server:
             tcp.listen(self._on_connection, backlog)
         except pyuv.error.UVError as exc:
             tcp.close()
-            errno = exc.args[0] if exc.args else None
-            text = pyuv.errno.strerror(errno) if isinstance(errno, int) else str(exc)
-            raise ServerError(f"cannot listen on {_fmt((host, port))}: {text}") from exc
+            raise ServerError(f"cannot listen on {format_address((host, port))}: {uv_error_text(exc)}") \
+                from exc
         except (OverflowError, ValueError, TypeError) as exc:  # pyuv's own argument checks
             tcp.close()
-            raise ServerError(f"cannot listen on {_fmt((host, port))}: {exc}") from exc
+            raise ServerError(f"cannot listen on {format_address((host, port))}: {exc}") from exc
         name = tcp.getsockname()
         self._listener = tcp
         self._address = (str(name[0]), int(name[1]))
-        log.info("listening on %s (%s)", _fmt(self._address),
+        log.info("listening on %s (%s)", format_address(self._address),
                  "IPv6" if family == socket.AF_INET6 else "IPv4")
         return self._address
 
@@ -154,18 +154,23 @@ class Server:
             tcp.open(sock.fileno())
         except pyuv.error.UVError as exc:
             tcp.close()
-            raise ServerError(f"cannot adopt socket: {exc.args[-1]}") from exc
+            raise ServerError(f"cannot adopt socket: {uv_error_text(exc)}") from exc
         sock.detach()  # the handle owns the descriptor now; closing it closes the socket
         try:
             tcp.listen(self._on_connection, backlog)
         except pyuv.error.UVError as exc:
             tcp.close()
-            raise ServerError(f"cannot listen: {exc.args[-1]}") from exc
+            raise ServerError(f"cannot listen: {uv_error_text(exc)}") from exc
         name = tcp.getsockname()
         self._listener = tcp
         self._address = (str(name[0]), int(name[1]))
-        log.info("listening on %s (adopted socket)", _fmt(self._address))
+        log.info("listening on %s (adopted socket)", format_address(self._address))
         return self._address
+
+    @property
+    def closing(self) -> bool:
+        """:meth:`close` or :meth:`abort` was called: no new connections are accepted."""
+        return self._closing
 
     @property
     def address(self) -> tuple[str, int]:
@@ -203,7 +208,7 @@ class Server:
                 # libuv tries again at once: an error that persists (ENOBUFS) comes back
                 # at every try, and one line per try would fill the disk.
                 more = f" ({held} more since the last report)" if held else ""
-                log.warning("accept failed: %s%s", pyuv.errno.strerror(error), more)
+                log.warning("accept failed: %s%s", uv_error_text(error), more)
             return
         if self._reserve is not None and not self._reserve.headroom():
             # Leave this connection with libuv, which stops watching the
@@ -219,7 +224,7 @@ class Server:
         except pyuv.error.UVError as exc:
             # EMFILE and friends: the connection stays in the backlog; say so
             # once per failure and carry on serving the others.
-            log.warning("accept failed: %s", exc.args[-1])
+            log.warning("accept failed: %s", uv_error_text(exc))
             tcp.close()
             return
         if self._closing or (
@@ -231,12 +236,12 @@ class Server:
             tcp.close()
             return
         proxied = self.options.proxy is not None
-        source = _address(tcp, "getpeername") if proxied or self._clients is not None else None
+        source = socket_address(tcp, "getpeername") if proxied or self._clients is not None else None
         if self.options.proxy is not None and not self.options.proxy.allows(source):
             # Only trusted balancers may claim a client address (tlsuv.proxy).
             self.refused += 1
             log.warning("refusing connection from %s: not allowed to send a PROXY header",
-                        _fmt(source))
+                        format_address(source))
             tcp.close()
             return
         client = None
@@ -258,8 +263,8 @@ class Server:
             conn.sockname = self._sockname
         else:
             self._sockname = conn.sockname
-        if log.isEnabledFor(logging.DEBUG):  # skip _fmt per connection when nobody looks
-            log.debug("%s: accepted", _fmt(conn.peer))
+        if log.isEnabledFor(logging.DEBUG):  # skip formatting per connection when nobody looks
+            log.debug("%s: accepted", format_address(conn.peer))
         self.connections.add(conn)
         conn._start()
 
@@ -334,7 +339,7 @@ class Server:
         victims = [c for c in self.connections if not c.handshake_completed] or list(self.connections)
         if victims:
             log.error("out of file descriptors with no spare left: aborting %s to keep accepting",
-                      _fmt(victims[-1].peer))
+                      format_address(victims[-1].peer))
             victims[-1].abort(RefusedError("aborted: the server ran out of file descriptors"))
             return
         log.error("out of file descriptors and nothing of ours to free: closing the listener")
