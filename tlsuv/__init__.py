@@ -4,6 +4,7 @@ The public surface::
 
     Server, Connection, ConnectionOptions, Handler, TLSEngine,
     self_signed, server_context, load_bundle, ServerPolicy, build_server_context,
+    ContextSet, build_context_set,
     ProxyOptions, and the errors.
 
 The client lives in :mod:`tlsuv.client` (``tlsuv.client.connect``); it is not
@@ -18,6 +19,7 @@ from .errors import (
     HandlerError,
     HandshakeError,
     ProtocolError,
+    RefusedError,
     TimeoutError,
     TLSError,
     TLSUVError,
@@ -25,7 +27,7 @@ from .errors import (
     TruncationError,
 )
 from .handler import Handler, HandlerFactory
-from .policy import PolicyError, ServerPolicy, build_server_context
+from .policy import ContextSet, PolicyError, ServerPolicy, build_context_set, build_server_context
 from .proxy import ProxyOptions
 from .server import Server, ServerError
 from .tls import OP_ALLOW_CLIENT_RENEGOTIATION, State, TLSEngine
@@ -40,6 +42,7 @@ __all__ = [
     "Connection",
     "ConnectionClosedError",
     "ConnectionOptions",
+    "ContextSet",
     "Handler",
     "HandlerError",
     "HandlerFactory",
@@ -47,6 +50,7 @@ __all__ = [
     "PolicyError",
     "ProtocolError",
     "ProxyOptions",
+    "RefusedError",
     "Server",
     "ServerError",
     "ServerPolicy",
@@ -57,6 +61,7 @@ __all__ = [
     "TimeoutError",
     "TransportError",
     "TruncationError",
+    "build_context_set",
     "build_server_context",
     "load_bundle",
     "self_signed",

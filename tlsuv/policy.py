@@ -29,7 +29,10 @@ Design points
   created from (its ``session_ctx``), not to the one SNI switched to: the
   session cache and the session-ticket keys.  Tickets therefore stay valid
   across swaps, and workers forked after the front was made share its keys
-  for good.  OpenSSL also copies some settings (options, verify mode,
+  for good.  (Copying the keys into a new Context would need
+  ``SSL_CTX_set_tlsext_ticket_keys`` -- a macro over ``SSL_CTX_ctrl`` -- or a
+  ticket-key callback; pyOpenSSL's binding exposes neither.)  OpenSSL also
+  copies some settings (options, verify mode,
   protocol versions) from the front when a connection is created, which is
   why a swap must bring Contexts built with the same settings:
   :meth:`ContextSet.reload` checks that.
