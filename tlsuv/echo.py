@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Final
 
 import pyuv
 
@@ -157,9 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-# Descriptors a server needs besides its connections: the interpreter's own,
-# libuv's, the listener, log and key-log files, the reserve (tlsuv.limits).
-FD_OVERHEAD = 64
+# Descriptors a server needs besides its connections: the interpreter's own
+# (about a dozen), libuv's (epoll, signal pipes, its spare), the listener,
+# log and key-log files, tlsuv's spare (tlsuv.limits) -- with room to spare.
+FD_OVERHEAD: Final = 64
 
 
 def _log_open_file_limit(limit: tuple[int, int], max_connections: int | None) -> None:

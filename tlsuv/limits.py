@@ -47,7 +47,9 @@ listener, and starts again when the server finally accepts.  tlsuv uses it:
   closes.  When the probe succeeds it accepts the waiting connection and
   libuv watches the listener again: recovery needs nobody.  Because the
   server pauses while a descriptor is still free, libuv's own trick (which
-  would close clients silently) does not run.
+  would close clients silently) does not run -- unless something else takes
+  that descriptor first (libuv itself does, once, when it re-opens a lost
+  spare as the next connection's handle is made).
 
 * If ``EMFILE`` reaches the callback anyway (libuv's spare is gone), the
   server closes its own spare: libuv's immediate retry then succeeds, the

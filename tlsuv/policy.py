@@ -32,10 +32,10 @@ Design points
   for good.  (Copying the keys into a new Context would need
   ``SSL_CTX_set_tlsext_ticket_keys`` -- a macro over ``SSL_CTX_ctrl`` -- or a
   ticket-key callback; pyOpenSSL's binding exposes neither.)  OpenSSL also
-  copies some settings (options, verify mode,
-  protocol versions) from the front when a connection is created, which is
-  why a swap must bring Contexts built with the same settings:
-  :meth:`ContextSet.reload` checks that.
+  copies some settings (options, verify mode, protocol versions) from the
+  front when a connection is created, which is why a swap must bring
+  Contexts built with the same settings: :meth:`ContextSet.reload` checks
+  that.
 
 * **ALPN with no protocol in common fails the handshake** with the
   ``no_application_protocol`` alert, as RFC 7301 section 3.2 requires.  A
@@ -324,7 +324,10 @@ def _build_contexts(
     for name, bundle in sni.items():
         # A certificate that does not name its SNI name is a mix-up (files swapped,
         # a renewal for the wrong host): every client would refuse it.
-        leaf = certificate_chain(bundle)[0]
+        try:
+            leaf = certificate_chain(bundle)[0]
+        except CertificateError as exc:
+            raise CertificateError(f"SNI name {name}: {exc}") from exc
         if not covers(leaf, name):
             names = ", ".join(certificate_names(leaf)) or "no DNS names"
             where = f"certificate file {bundle.cert_file}" if bundle.cert_file else "its certificate"
