@@ -25,6 +25,8 @@ import pytest
 import trustme
 from conftest import Certs, ServerThread, recv_exactly, server_thread
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from helpers import GREETING
 from OpenSSL import SSL
@@ -515,3 +517,43 @@ def test_the_documented_certbot_deploy_hook_reloads_a_running_server(
         assert (served_files.key.stat().st_mode & 0o777) == 0o640
         assert sorted(p.name for p in dest.iterdir()) == ["fullchain.pem", "privkey.pem"]
         assert not problems(sup, mark)
+
+
+# -- the checks a reload makes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sans", "name", "expected"), [
+    (["a.test"], "a.test", True),
+    (["A.Test."], "a.test", True),
+    (["*.a.test"], "x.a.test", True),
+    (["*.a.test"], "a.test", False),
+    (["*.a.test"], "y.x.a.test", False),  # a wildcard covers one label
+    (["*.a.test"], "*.a.test", True),  # an SNI wildcard entry needs the same wildcard
+    (["x.a.test"], "*.a.test", False),
+    (["b.test", "a.test"], "a.test", True),
+    ([], "a.test", False),
+])
+def test_covers(certs: Certs, sans: list[str], name: str, expected: bool) -> None:
+    if sans:
+        leaf = certs.ca.issue_cert(*sans, common_name=name)
+        cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+    else:  # a certificate without subjectAltName: only a CN, which clients ignore
+        cert = _without_san(name)
+    assert tlsuv.certs.covers(cert, name) is expected
+
+
+def _without_san(cn: str) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, cn)])
+    now = datetime.datetime.now(datetime.UTC)
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+
+
+def test_a_combined_pem_with_key_and_chain_still_loads(certs: Certs, tmp_path: Path) -> None:
+    leaf = certs.ca.create_child_ca().issue_cert(*NAMES)
+    combined = tmp_path / "combined.pem"
+    combined.write_bytes(leaf.private_key_pem.bytes() + b"".join(p.bytes() for p in leaf.cert_chain_pems))
+    reloader = Reloader(CertificateFiles(cert=str(combined), key=str(combined)))
+    assert reloader.contexts.served()[0][1].public_bytes(Encoding.DER) == der(leaf)

@@ -11,8 +11,8 @@ which file is wrong.
 A file being replaced while it is read is the common failure of a reload, and
 PEM hides it: a chain cut after its first certificate still parses, as one
 certificate, and the intermediate is silently gone.  :func:`server_context`
-therefore counts the PEM blocks that begin and refuses a file whose blocks do
-not all parse.
+therefore counts the certificates that begin and refuses a file in which not
+all of them parse.
 
 :func:`describe_certificate` and :func:`log_certificate` say what is served
 (subject, names, expiry) and warn :data:`EXPIRY_WARNING` ahead of the end.
