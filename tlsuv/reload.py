@@ -269,7 +269,7 @@ class Reloader:
     def start(self, loop: pyuv.Loop, *, sighup: bool = True) -> None:
         """Reload on SIGHUP, poll every :attr:`interval`, re-check expiry daily; catch up now.
 
-        The files are compared once at once: a worker forked after a reload
+        The files are compared right away: a worker forked after a reload
         from a parent that still holds the first certificates catches up.
         """
         if sighup:
