@@ -19,9 +19,10 @@ from typing import Final
 import pyuv
 from OpenSSL import SSL
 
+from . import _sockopt
 from ._uv import format_address, socket_address, uv_error_text
 from .connection import Connection, ConnectionOptions
-from .errors import TLSUVError
+from .errors import TimeoutError, TLSUVError
 from .handler import HandlerFactory
 from .pending import PendingList
 
@@ -78,6 +79,9 @@ class Server:
         self.accepted = 0
         self.refused = 0
         self.handshakes_failed = 0
+        # Connections ended by a deadline, by TimeoutError.phase: "handshake",
+        # "idle", "close", "send", "keepalive", "proxy header".
+        self.timeouts: dict[str, int] = {}
         # Ciphertext bytes of connections that are gone; add the open ones' for a total.
         self.ended_bytes_in = 0
         self.ended_bytes_out = 0
@@ -174,6 +178,10 @@ class Server:
             return
         self.accepted += 1
         tcp.nodelay(True)  # TLS records are already batched per loop iteration
+        try:
+            _sockopt.configure(tcp, self.options.keepalive, self.options.send_timeout)
+        except (OSError, pyuv.error.UVError) as exc:  # gone already: its first read will say so
+            log.debug("cannot set keepalive/TCP_USER_TIMEOUT: %s", exc)
         conn = Connection(tcp, self.context, self.handler_factory, pending=self.pending,
                           options=self.options, on_gone=self._gone)
         if conn.sockname == self._sockname:
@@ -191,6 +199,9 @@ class Server:
         self.ended_bytes_out += conn.bytes_out
         if not conn.handshake_completed:
             self.handshakes_failed += 1
+        reason = conn.reason
+        if isinstance(reason, TimeoutError):
+            self.timeouts[reason.phase] = self.timeouts.get(reason.phase, 0) + 1
         if self._closing and not self.connections:
             self._all_closed()
 
