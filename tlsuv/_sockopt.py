@@ -69,6 +69,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _setsockopt = _libc.setsockopt
 _setsockopt.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint)
 _setsockopt.restype = ctypes.c_int
+_getsockopt = _libc.getsockopt
+_getsockopt.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_getsockopt.restype = ctypes.c_int
 
 
 def _set(fd: int, level: int, name: int, value: bytes) -> None:
@@ -87,7 +90,13 @@ def keepalive_interval(idle: int) -> int:
 
 
 def configure(tcp: pyuv.TCP, keepalive: int | None, send_timeout: float | None) -> None:
-    """Turn on keepalive and TCP_USER_TIMEOUT on a connected handle, as the options ask.
+    """Turn on keepalive and TCP_USER_TIMEOUT on a handle, as the options ask.
+
+    On a listening socket this costs nothing per connection: Linux copies
+    these options (as it does TCP_NODELAY) to every socket ``accept`` makes.
+    :class:`~tlsuv.Server` sets them there once and checks the first
+    accepted socket with :func:`configured`, setting them per connection
+    only where they were not inherited.
 
     ``None`` leaves that option as the socket has it.  Raises OSError or
     ``pyuv.error.UVError`` if the socket refuses (a peer that reset already).
@@ -102,8 +111,35 @@ def configure(tcp: pyuv.TCP, keepalive: int | None, send_timeout: float | None) 
         if _TCP_KEEPCNT is not None:
             _set_int(fd, socket.IPPROTO_TCP, _TCP_KEEPCNT, KEEPALIVE_PROBES)
     if send_timeout is not None and _TCP_USER_TIMEOUT is not None:
-        ms = min(USER_TIMEOUT_MAX, max(1, round(send_timeout * 1000)))
-        _set_int(fd, socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, ms)
+        _set_int(fd, socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, _user_timeout_ms(send_timeout))
+
+
+def _user_timeout_ms(send_timeout: float) -> int:
+    return min(USER_TIMEOUT_MAX, max(1, round(send_timeout * 1000)))
+
+
+def _get_int(fd: int, level: int, name: int) -> int:
+    value = ctypes.c_int(0)
+    size = ctypes.c_uint(ctypes.sizeof(value))
+    if _getsockopt(fd, level, name, ctypes.byref(value), ctypes.byref(size)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return value.value
+
+
+def configured(tcp: pyuv.TCP, keepalive: int | None, send_timeout: float | None) -> bool:
+    """Whether ``tcp`` already has what :func:`configure` would set (e.g. inherited at accept)."""
+    fd = tcp.fileno()
+    tcp_level = socket.IPPROTO_TCP
+    if keepalive is not None and (
+            _get_int(fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+            or _get_int(fd, tcp_level, socket.TCP_KEEPIDLE) != keepalive
+            or (_TCP_KEEPINTVL is not None
+                and _get_int(fd, tcp_level, _TCP_KEEPINTVL) != keepalive_interval(keepalive))
+            or (_TCP_KEEPCNT is not None and _get_int(fd, tcp_level, _TCP_KEEPCNT) != KEEPALIVE_PROBES)):
+        return False
+    return not (send_timeout is not None and _TCP_USER_TIMEOUT is not None
+                and _get_int(fd, tcp_level, _TCP_USER_TIMEOUT) != _user_timeout_ms(send_timeout))
 
 
 def reset_on_close(fd: int) -> None:

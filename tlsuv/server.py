@@ -73,6 +73,9 @@ class Server:
         self._listener: pyuv.TCP | None = None
         self._address: tuple[str, int] | None = None
         self._closing = False
+        # Keepalive and TCP_USER_TIMEOUT are set on the listener; whether accepted
+        # sockets inherit them is checked once, at the first accept (_configure).
+        self._inherits: bool | None = None
         self._grace_timer: pyuv.Timer | None = None
         self._on_closed: Callable[[], None] | None = None
         # Counters for logs and stats.
@@ -108,6 +111,7 @@ class Server:
             raise ServerError(f"cannot listen on {format_address((host, port))}: {exc}") from exc
         name = tcp.getsockname()
         self._listener = tcp
+        self._configure_listener(tcp)
         self._address = (str(name[0]), int(name[1]))
         log.info("listening on %s (%s)", format_address(self._address),
                  "IPv6" if family == socket.AF_INET6 else "IPv4")
@@ -132,6 +136,7 @@ class Server:
             raise ServerError(f"cannot listen: {uv_error_text(exc)}") from exc
         name = tcp.getsockname()
         self._listener = tcp
+        self._configure_listener(tcp)
         self._address = (str(name[0]), int(name[1]))
         log.info("listening on %s (adopted socket)", format_address(self._address))
         return self._address
@@ -178,10 +183,8 @@ class Server:
             return
         self.accepted += 1
         tcp.nodelay(True)  # TLS records are already batched per loop iteration
-        try:
-            _sockopt.configure(tcp, self.options.keepalive, self.options.send_timeout)
-        except (OSError, pyuv.error.UVError) as exc:  # gone already: its first read will say so
-            log.debug("cannot set keepalive/TCP_USER_TIMEOUT: %s", exc)
+        if not self._inherits:
+            self._configure(tcp)
         conn = Connection(tcp, self.context, self.handler_factory, pending=self.pending,
                           options=self.options, on_gone=self._gone)
         if conn.sockname == self._sockname:
@@ -192,6 +195,26 @@ class Server:
             log.debug("%s: accepted", format_address(conn.peer))
         self.connections.add(conn)
         conn._start()
+
+    def _configure_listener(self, tcp: pyuv.TCP) -> None:
+        try:
+            _sockopt.configure(tcp, self.options.keepalive, self.options.send_timeout)
+        except (OSError, pyuv.error.UVError) as exc:
+            self._inherits = False  # set them on each connection instead
+            log.debug("cannot set keepalive/TCP_USER_TIMEOUT on the listener: %s", exc)
+
+    def _configure(self, tcp: pyuv.TCP) -> None:
+        """Keepalive and TCP_USER_TIMEOUT for an accepted socket that may not have inherited them."""
+        keepalive, send_timeout = self.options.keepalive, self.options.send_timeout
+        try:
+            if self._inherits is None:
+                # Once per server: Linux copies them from the listener, other systems may not.
+                self._inherits = _sockopt.configured(tcp, keepalive, send_timeout)
+                if self._inherits:
+                    return
+            _sockopt.configure(tcp, keepalive, send_timeout)
+        except (OSError, pyuv.error.UVError) as exc:  # gone already: its first read will say so
+            log.debug("cannot set keepalive/TCP_USER_TIMEOUT: %s", exc)
 
     def _connection_gone(self, conn: Connection) -> None:
         self.connections.discard(conn)
