@@ -203,9 +203,10 @@ def test_send_timeout_ends_a_peer_that_reads_nothing(certs: Certs) -> None:
 
 def test_send_timeout_spares_a_slow_reader_that_keeps_reading(certs: Certs) -> None:
     """The deadline is for no progress, not for the whole transfer: 6 MiB read slowly for
-    longer than the send timeout must all arrive."""
+    longer than the send timeout must all arrive.  (At most 16 KiB a read, one TLS record,
+    and 10 ms between reads: at least 3.8 s, twice the send timeout.)"""
     size = 6 * MIB
-    options = tlsuv.ConnectionOptions(send_timeout=1.0)
+    options = tlsuv.ConnectionOptions(send_timeout=2.0)
     with ServerThread(certs.server_context(), factory=lambda c: Hoarder(size), options=options) as st:
         s = small_window_client(st, certs)
         assert recv_exactly(s, 4) == GREETING
@@ -226,7 +227,7 @@ def test_send_timeout_spares_a_slow_reader_that_keeps_reading(certs: Certs) -> N
         assert st.call(lambda: conn._send_timer is None and not conn.closed)
         s.close()
         st.wait_for(lambda: h.closed_count > 0)
-    print(f"\n6 MiB read in {took:.1f} s with a 1 s send timeout")
+    print(f"\n6 MiB read in {took:.1f} s with a 2 s send timeout")
     assert not isinstance(h.reason, tlsuv.TimeoutError), h.reason
 
 
@@ -362,7 +363,7 @@ def test_data_only_the_kernel_holds_hits_tcp_user_timeout(certs: Certs, veth: Ve
         st.wait_for(lambda: conn.phase is Phase.OPEN and conn.buffered == 0)
         veth.vanish()
         written_at = time.monotonic()
-        st.call(lambda: conn.write(b"x" * 32768))
+        st.call(lambda: conn.write(b"x" * 8192))  # well within any initial send buffer
         st.wait_for(lambda: conn.buffered == 0)  # all of it in the kernel
         assert st.call(lambda: conn._send_timer is None)
         st.wait_for(lambda: h.closed_count > 0, timeout=30)

@@ -33,9 +33,13 @@ descriptor libuv owns: ``socket.socket(fileno=fd)`` wraps it in a Python
 socket that closes it when collected unless detached first (and asks the
 kernel for its family, type and protocol), ``socket.fromfd`` duplicates it
 (two more system calls, and a second descriptor to close).  A direct
-``setsockopt`` neither duplicates nor closes anything.  Only errors are
-read back (:func:`unacknowledged`, on the error path), with ``ioctl`` on
-the same descriptor.
+``setsockopt`` neither duplicates nor closes anything.  What is read back
+(:func:`configured`, once per server; :func:`unacknowledged`, on the error
+path) is read the same way, with ``getsockopt`` and ``ioctl``.
+
+Where: on the listening socket, once (Linux copies these options to every
+socket ``accept`` returns, so an accepted connection costs no system call),
+and on each outgoing connection once it is connected.
 """
 
 from __future__ import annotations
