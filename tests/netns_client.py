@@ -28,7 +28,8 @@ import ssl
 import sys
 import time
 
-from clients import GREETING, echo_session
+from clients import echo_session
+from helpers import GREETING
 
 # A slow reader: this much every TRICKLE_PAUSE seconds (~800 KB/s at most),
 # so the server always has data queued while the link is up.

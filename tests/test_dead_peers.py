@@ -22,8 +22,8 @@ from pathlib import Path
 import netns
 import pytest
 import pyuv
-from clients import GREETING
 from conftest import Certs, Recorder, ServerThread, recv_exactly
+from helpers import GREETING
 from netns import VethLink
 from peers import Interactive
 
