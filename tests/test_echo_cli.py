@@ -45,6 +45,10 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], fragment: str)
         (["--max-connections", "0"], "at least 1"),
         (["--cert", "x.pem"], "--cert and --key go together"),
         (["--log-level", "loud"], "invalid choice"),
+        (["--keepalive", "0"], "must be 1-32767 seconds or 'off'"),
+        (["--keepalive", "1.5"], "not whole seconds or 'off'"),
+        (["--send-timeout", "0"], "positive"),
+        (["--send-timeout", "never"], "not a number"),
     ],
 )
 def test_bad_arguments(args: list[str], fragment: str) -> None:
@@ -118,6 +122,49 @@ def test_signal_stops_cleanly_with_exit_0(certs: Certs, signum: int) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def keepalive_timer(port: int) -> tuple[int, int]:
+    """The kernel's timer on the server side of our one connection: (kind, hundredths of a second).
+
+    /proc/net/tcp's ``tr`` is 1 while data waits to be acknowledged, 2 for the keepalive
+    timer of an established socket, 0 for none.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+                kind, when = fields[5].split(":")
+                if kind != "01":  # not while the greeting is still unacknowledged
+                    return int(kind, 16), int(when, 16)
+        assert time.monotonic() < deadline, "no settled server-side socket in /proc/net/tcp"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("args", "seconds"), [([], 30), (["--keepalive", "7"], 7),
+                                               (["--keepalive", "off", "--send-timeout", "off"], None)])
+def test_keepalive_flag_reaches_the_sockets(certs: Certs, args: list[str], seconds: int | None) -> None:
+    proc, port, _ = start_echo("--cert", str(certs.cert_file), "--key", str(certs.key_file), *args)
+    try:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
+            assert recv_exactly(s, 4) == b"OK\r\n"
+            kind, when = keepalive_timer(port)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if seconds is None:
+        assert kind == 0, "keepalive is on although --keepalive off"
+    else:
+        assert kind == 2, "no keepalive timer"
+        # Seconds left until the first probe: within the idle time asked for, and more
+        # than the next smaller setting tested here would allow.
+        assert when <= seconds * 100, when
+        assert seconds == 7 or when > 7 * 100, when
 
 
 def test_self_signed_certificate_and_fingerprint() -> None:

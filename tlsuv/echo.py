@@ -66,6 +66,7 @@ def build_parser() -> _cli.ArgumentParser:
                    help="close connections with no traffic for this long (default: off)")
     p.add_argument("--close-timeout", type=_cli.positive_float, default=5.0, metavar="SECONDS",
                    help="how long a graceful close waits for the peer (default 5)")
+    _cli.add_dead_peer_arguments(p)  # --keepalive, --send-timeout
     p.add_argument("--max-connections", type=_cli.positive_int, default=None, metavar="N",
                    help="refuse new connections beyond N open ones (default: no limit)")
     p.add_argument("--max-connections-per-ip", type=_cli.positive_int, default=None, metavar="N",
@@ -103,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
         close_timeout=args.close_timeout,
+        keepalive=args.keepalive,
+        send_timeout=args.send_timeout,
         allow_client_renegotiation=args.allow_client_renegotiation,
         proxy=_cli.proxy_options(args, "python -m tlsuv.echo"),
     )

@@ -27,9 +27,10 @@ from typing import Final
 import pyuv
 from OpenSSL import SSL
 
+from . import _sockopt
 from ._uv import format_address, socket_address, uv_error_text
 from .connection import Connection, ConnectionOptions
-from .errors import RefusedError, TLSUVError
+from .errors import RefusedError, TimeoutError, TLSUVError
 from .handler import HandlerFactory
 from .limits import (
     RETRY_MAX,
@@ -92,6 +93,9 @@ class Server:
         self._listener: pyuv.TCP | None = None
         self._address: tuple[str, int] | None = None
         self._closing = False
+        # Keepalive and TCP_USER_TIMEOUT are set on the listener; whether accepted
+        # sockets inherit them is checked once, at the first accept (_configure).
+        self._inherits: bool | None = None
         self._grace_timer: pyuv.Timer | None = None
         self._on_closed: Callable[[], None] | None = None
         # Open connections per client address; the key each one was counted under.
@@ -111,6 +115,9 @@ class Server:
         self.refused_per_ip = 0
         self.accept_pauses = 0  # times accepting stopped for want of file descriptors
         self.handshakes_failed = 0
+        # Connections ended by a deadline, by TimeoutError.phase: "handshake",
+        # "idle", "close", "send", "keepalive", "proxy header".
+        self.timeouts: dict[str, int] = {}
         # Ciphertext bytes of connections that are gone; add the open ones' for a total.
         self.ended_bytes_in = 0
         self.ended_bytes_out = 0
@@ -138,6 +145,7 @@ class Server:
             raise ServerError(f"cannot listen on {format_address((host, port))}: {exc}") from exc
         name = tcp.getsockname()
         self._listener = tcp
+        self._configure_listener(tcp)
         self._address = (str(name[0]), int(name[1]))
         log.info("listening on %s (%s)", format_address(self._address),
                  "IPv6" if family == socket.AF_INET6 else "IPv4")
@@ -163,6 +171,7 @@ class Server:
             raise ServerError(f"cannot listen: {uv_error_text(exc)}") from exc
         name = tcp.getsockname()
         self._listener = tcp
+        self._configure_listener(tcp)
         self._address = (str(name[0]), int(name[1]))
         log.info("listening on %s (adopted socket)", format_address(self._address))
         return self._address
@@ -253,6 +262,8 @@ class Server:
                 return
         self.accepted += 1
         tcp.nodelay(True)  # TLS records are already batched per loop iteration
+        if not self._inherits:
+            self._configure(tcp)
         per_client = proxied and self._clients is not None  # counted once the header names the client
         conn = Connection(tcp, self.context, self.handler_factory, pending=self.pending,
                           options=self.options, on_gone=self._gone,
@@ -267,6 +278,26 @@ class Server:
             log.debug("%s: accepted", format_address(conn.peer))
         self.connections.add(conn)
         conn._start()
+
+    def _configure_listener(self, tcp: pyuv.TCP) -> None:
+        try:
+            _sockopt.configure(tcp, self.options.keepalive, self.options.send_timeout)
+        except (OSError, pyuv.error.UVError) as exc:
+            self._inherits = False  # set them on each connection instead
+            log.debug("cannot set keepalive/TCP_USER_TIMEOUT on the listener: %s", exc)
+
+    def _configure(self, tcp: pyuv.TCP) -> None:
+        """Keepalive and TCP_USER_TIMEOUT for an accepted socket that may not have inherited them."""
+        keepalive, send_timeout = self.options.keepalive, self.options.send_timeout
+        try:
+            if self._inherits is None:
+                # Once per server: Linux copies them from the listener, other systems may not.
+                self._inherits = _sockopt.configured(tcp, keepalive, send_timeout)
+                if self._inherits:
+                    return
+            _sockopt.configure(tcp, keepalive, send_timeout)
+        except (OSError, pyuv.error.UVError) as exc:  # gone already: its first read will say so
+            log.debug("cannot set keepalive/TCP_USER_TIMEOUT: %s", exc)
 
     # -- per-client limit -----------------------------------------------------
 
@@ -357,6 +388,9 @@ class Server:
         self.ended_bytes_out += conn.bytes_out
         if not conn.handshake_completed:
             self.handshakes_failed += 1
+        reason = conn.reason
+        if isinstance(reason, TimeoutError):
+            self.timeouts[reason.phase] = self.timeouts.get(reason.phase, 0) + 1
         if self._closing and not self.connections:
             self._all_closed()
 
