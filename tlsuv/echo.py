@@ -122,17 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.listen(args.host, args.port)
     except ServerError as exc:
         _cli.fail(f"python -m tlsuv.echo: error: {exc}")
-    for host, port in server.addresses:
-        announce(host, port)
-    if ready_fd is not None:
-        upgrade.report_ready(ready_fd)
-    else:
-        activation.notify("READY=1")
-    if args.pid_file is not None:
-        try:
-            activation.write_pid_file(args.pid_file)
-        except OSError as exc:
-            _cli.fail(f"python -m tlsuv.echo: error: cannot write --pid-file {args.pid_file}: {exc.strerror}")
     workers.log_stats_every(loop, server, args.stats_interval)
 
     signals: list[pyuv.Signal] = []
@@ -157,6 +146,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         h = pyuv.Signal(loop)
         h.start(on_signal, signum)
         signals.append(h)
+    # Handlers first, announcement after: whoever reads the announcement may signal at once
+    # (SIGUSR2's default action would end the process).
+    if args.pid_file is not None:
+        try:
+            activation.write_pid_file(args.pid_file)
+        except OSError as exc:
+            _cli.fail(f"python -m tlsuv.echo: error: cannot write --pid-file {args.pid_file}: {exc.strerror}")
+    for host, port in server.addresses:
+        announce(host, port)
+    if ready_fd is not None:
+        upgrade.report_ready(ready_fd)
+    else:
+        activation.notify("READY=1")
     try:
         loop.run()
     finally:

@@ -86,6 +86,9 @@ READY_TIMEOUT: Final = 60.0
 # What a forked child that could not execute the new program exits with (the
 # shell's "command not found or not executable").
 EXIT_EXEC_FAILED: Final = 127
+# A successor that closed the pipe without "ready" is almost always exiting;
+# its status is collected within milliseconds, and names the real reason.
+EXIT_WAIT: Final = 2.0
 
 
 @dataclass
@@ -96,6 +99,7 @@ class Successor:
     fd: int  # our end of the readiness pipe (non-blocking)
     deadline: float
     started: float = field(default_factory=time.monotonic)
+    hung_up: bool = False  # closed the pipe without reporting ready
 
     def poll(self) -> bool | None:
         """True once it reported ready; False if it closed the pipe without doing so; None: not yet."""

@@ -12,9 +12,9 @@ balances new connections over the listening sockets by a hash of their
 addresses, with no accept lock and no shared state between workers.
 
 The parent (:class:`Supervisor`) serves nothing.  It opens the workers'
-listening sockets itself (so a bad address or a port in use fails at once,
-in one process, port 0 becomes one real port that every socket joins, and
-connections queue from the first moment), forks the workers, restarts any
+sockets itself (so a bad address or a port in use fails at once, in one
+process, and port 0 becomes one real port that every socket joins), forks
+the workers, restarts any
 that dies (with a log line and an exponential back-off), turns SIGTERM/SIGINT
 into a drain of every worker and a second signal into an abort, turns
 SIGUSR2 into an upgrade (:mod:`tlsuv.upgrade`), and adds up the workers'
@@ -23,10 +23,13 @@ counters for ``--stats-interval``.
 Sockets: held by the parent, inherited or made
 ==============================================
 
-The parent keeps every listening socket open for its whole life, and each
-worker serves copies of them.  A socket whose queue is never closed never
-resets a connection waiting in it, which is what makes two things drop
-nothing:
+The parent keeps every socket open for its whole life, and each worker
+serves copies of them.  A socket becomes a listening one when its first
+worker listens (before that a connection hashed to it would wait for a
+worker that may never come: a new tree that fails to start must not strand
+connections in the sockets it made), and from then on its queue lives as
+long as the parent.  A queue that is never closed never resets a connection
+waiting in it, which is what makes two things drop nothing:
 
 * **Upgrades.**  The new process tree inherits the very same sockets
   (named ``tlsuv-reuseport`` in ``LISTEN_FDNAMES``).  For a while an old
@@ -332,10 +335,10 @@ class Supervisor:
     # -- set-up --------------------------------------------------------------
 
     def bind(self) -> tuple[str, int]:
-        """Open the listening sockets and return the (first) address; port 0 becomes a real port.
+        """Open the sockets and return the (first) address; port 0 becomes a real port.
 
-        One SO_REUSEPORT socket per worker, listening at once (connections
-        queue until the workers accept them), or the inherited ``sockets``.
+        One bound SO_REUSEPORT socket per worker (it listens once its worker
+        does), or the inherited ``sockets``.
         """
         if self.address is not None:
             return self.address
@@ -376,12 +379,11 @@ class Supervisor:
                     self._own[w.number] = [self._open_socket()]
 
     def _open_socket(self) -> socket.socket:
-        """A listening SO_REUSEPORT socket on our address (the first one fixes the port)."""
+        """A bound SO_REUSEPORT socket on our address (the first one fixes the port)."""
         where = self.address or (self.host, self.port)
         sock = _reuseport_socket(self._family)
         try:
             sock.bind(where)
-            sock.listen(self.backlog)
         except OSError as exc:
             sock.close()
             raise ServerError(f"cannot listen on {_fmt(where)}: {exc.strerror or exc}") from exc
@@ -418,7 +420,8 @@ class Supervisor:
         """Fork the workers and supervise them until they have drained; return the exit status.
 
         ``on_ready`` runs once every worker has listened: before that,
-        connections wait in the kernel's queue.
+        connections to the address are refused (except on inherited sockets,
+        where they wait in the queue).
         """
         self.bind()
         self._on_ready = on_ready
@@ -635,6 +638,11 @@ class Supervisor:
 
     def _serving(self) -> None:
         """Every worker listens: tell whoever waits for us."""
+        if self.pid_file is not None:
+            try:
+                activation.write_pid_file(self.pid_file)
+            except OSError as exc:
+                log.error("cannot write the pid file %s: %s", self.pid_file, exc.strerror)
         if self._ready_fd is not None:
             # We are the new tree of an upgrade: the old parent tells the
             # service manager our pid (MAINPID=) once it has heard this.
@@ -643,11 +651,6 @@ class Supervisor:
             self._ready_fd = None
         else:
             activation.notify("READY=1")
-        if self.pid_file is not None:
-            try:
-                activation.write_pid_file(self.pid_file)
-            except OSError as exc:
-                log.error("cannot write the pid file %s: %s", self.pid_file, exc.strerror)
 
     def _predecessor_gone(self) -> None:
         """Our readiness pipe closed before we served: the old parent gave up on us, or died."""
@@ -696,23 +699,32 @@ class Supervisor:
         successor = self._successor
         if successor is None:
             return
-        ready = successor.poll()
-        if ready:
-            self._hand_over(successor)
-            return
+        ready = successor.poll() if not successor.hung_up else False
+        if ready is False and not successor.hung_up:
+            # Usually it is exiting (its descriptors close just before its
+            # status can be collected): wait a moment for the real reason.
+            successor.hung_up = True
+            successor.deadline = min(successor.deadline, time.monotonic() + upgrade.EXIT_WAIT)
+            assert self._selector is not None
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(successor.fd)
         try:
             pid, status = os.waitpid(successor.pid, os.WNOHANG)
         except ChildProcessError:  # pragma: no cover - reaped by someone else
             pid, status = successor.pid, 0
-        if pid:
+        if pid:  # even after "ready": a tree that died cannot take over
             code = os.waitstatus_to_exitcode(status)
             how = f"exited with status {code}" if code >= 0 else f"was killed by {signal.Signals(-code).name}"
             self._upgrade_failed(f"the new process (pid {pid}) {how} before all its workers served",
                                  reaped=True)
-        elif ready is False:
+        elif ready:
+            self._hand_over(successor)
+        elif time.monotonic() < successor.deadline:
+            return
+        elif successor.hung_up:
             self._upgrade_failed(f"the new process (pid {successor.pid}) closed its readiness pipe "
                                  "without reporting ready")
-        elif time.monotonic() >= successor.deadline:
+        else:
             self._upgrade_failed(f"the new process (pid {successor.pid}) did not serve within "
                                  f"{self.upgrade_timeout:g}s")
 
