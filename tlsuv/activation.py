@@ -179,7 +179,7 @@ def listening_socket(fd: int, what: str | None = None) -> socket.socket:
     sock = socket.socket(fileno=fd)  # family and type are read from the descriptor
     try:
         if sock.family not in _FAMILIES:
-            raise ActivationError(f"{label} is a {_family_name(sock.family)} socket; "
+            raise ActivationError(f"{label} is an {_family_name(sock.family)} socket; "
                                   "tlsuv serves TCP over IPv4 or IPv6")
         if sock.type != socket.SOCK_STREAM:
             raise ActivationError(f"{label} is not a stream (TCP) socket")
