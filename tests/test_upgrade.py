@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from conftest import Certs
+from conftest import Certs, ServerThread
 from hammer import Hammer, LongLived, NotifySocket, ServerProcess, recv_exactly
 
 ECHO = [sys.executable, "-m", "tlsuv.echo"]
@@ -317,3 +317,155 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, IndexError):
         return "X"
+
+
+def test_upgrade_into_a_single_process_tree(certs: Certs, cert_files: CertFiles,
+                                            servers: list[ServerProcess]) -> None:
+    """``--workers auto`` on a machine that now has one CPU for us: the new server is one process.
+
+    It has no supervisor, but still reports ready over the pipe, so the old tree hands over.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs to take one away")
+    srv, port = start(echo_cmd(cert_files, "--workers", "auto", "--grace", "2"))
+    servers.append(srv)
+    os.sched_setaffinity(srv.proc.pid, {cpus[0]})  # the successor inherits it: auto = 1
+    with Hammer(HOST, port, certs.client_ssl_context(), clients=3) as hammer:
+        hammer.wait_ok(10)
+        mark = srv.mark()
+        srv.signal(signal.SIGUSR2)
+        new = new_parent(srv, mark)
+        srv.wait_for(rf"listening on 127\.0\.0\.1:{port} \(adopted socket\)", start=mark)
+        assert srv.wait() == 0
+        hammer.wait_ok(20)
+        result = hammer.stop()
+    print(f"\nupgrade into one process: hammer {result.summary()}")
+    result.assert_clean()
+    assert not [line for line in srv.err[mark:] if "starting" in line and "workers on" in line]
+    os.kill(new, signal.SIGTERM)
+    srv.wait_group_gone()
+
+
+# -- the sockets the parent holds ---------------------------------------------------------
+
+
+def test_a_dead_workers_queue_waits_for_its_replacement(certs: Certs, cert_files: CertFiles,
+                                                        servers: list[ServerProcess]) -> None:
+    """Connections queued for a worker that dies are served by the next one, not reset."""
+    srv, port = start(echo_cmd(cert_files, "--workers", "2", "--log-level", "debug"))
+    servers.append(srv)
+    pids = {n: int(srv.wait_for(rf"worker {n} listening \(pid (\d+)\)").group(1)) for n in (1, 2)}
+    os.kill(pids[2], signal.SIGSTOP)  # worker 2 accepts nothing: what hashes to it waits
+    ctx = certs.client_ssl_context()
+    done: list[str] = []
+    locals_: list[int] = []
+
+    def session() -> None:
+        raw = socket.create_connection((HOST, port), timeout=30)
+        locals_.append(raw.getsockname()[1])
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            assert recv_exactly(s, 4) == b"OK\r\n"
+            s.sendall(b"queued")
+            assert recv_exactly(s, 6) == b"queued"
+            s.unwrap()
+        done.append("ok")
+
+    # The kernel hashes each connection to one socket: 24 all missing worker 2 is 2**-24.
+    threads = [threading.Thread(target=session, daemon=True) for _ in range(24)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(locals_) < 24 or len(done) == 24:
+        assert time.monotonic() < deadline and len(done) < 24, "worker 2 served while stopped?"
+        time.sleep(0.02)
+    mark = srv.mark()
+    os.kill(pids[2], signal.SIGKILL)
+    srv.wait_for(r"worker 2 listening \(pid \d+\)", start=mark)
+    for t in threads:
+        t.join(30)
+    assert done == ["ok"] * 24
+    # Some of them were served by the new worker 2, from the queue the dead one left.
+    served_by_new = [p for p in locals_ if any(f"worker 2: 127.0.0.1:{p}: accepted" in line
+                                               for line in srv.err[mark:])]
+    assert served_by_new, "no queued connection reached the new worker 2"
+    srv.signal(signal.SIGTERM)
+    assert srv.wait() == 0
+
+
+CRASHING = """
+import logging, sys
+from pathlib import Path
+import tlsuv
+from tlsuv import workers
+from tlsuv.echo import echo_factory
+
+marker, cert, key = sys.argv[1:4]
+
+
+def setup(loop):
+    if workers.worker_number() == 2 and Path(marker).exists():
+        raise RuntimeError("worker 2 cannot start")
+    return tlsuv.Server(loop, tlsuv.server_context(tlsuv.load_bundle(cert, key)), echo_factory)
+
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+sys.exit(workers.run(setup, workers=2, grace=2.0,
+                     on_listening=lambda h, p: print(f"listening on {h}:{p}", flush=True)))
+"""
+
+
+def test_a_crash_looping_worker_gives_its_connections_to_the_others(
+        certs: Certs, cert_files: CertFiles, tmp_path: Path, servers: list[ServerProcess]) -> None:
+    script = tmp_path / "serve.py"
+    script.write_text(textwrap.dedent(CRASHING))
+    marker = tmp_path / "broken"
+    srv, port = start([sys.executable, str(script), str(marker), str(cert_files.cert), str(cert_files.key)])
+    servers.append(srv)
+    pid = int(srv.wait_for(r"worker 2 listening \(pid (\d+)\)").group(1))
+    marker.touch()
+    mark = srv.mark()
+    os.kill(pid, signal.SIGKILL)
+    # 0.1, 0.2, 0.4, 0.8 s: kept; the next wait is longer than a second: its socket goes.
+    srv.wait_for(r"worker 2: closed its listening socket until it is back", start=mark)
+    with Hammer(HOST, port, certs.client_ssl_context(), clients=3) as hammer:
+        hammer.wait_ok(30)  # all on worker 1, none stuck in worker 2's queue
+        marker.unlink()
+        mark = srv.mark()
+        srv.wait_for(r"worker 2 listening \(pid \d+\)", start=mark)  # a fresh socket, in the group again
+        hammer.wait_ok(30)
+        result = hammer.stop()
+    print(f"\ncrash-looping worker: hammer {result.summary()}")
+    result.assert_clean()
+    srv.signal(signal.SIGTERM)
+    assert srv.wait() == 0
+
+
+# -- the drain, in the library -----------------------------------------------------------
+
+
+def test_server_drain_serves_until_grace_then_close_notify(certs: Certs) -> None:
+    """``Server.drain``: refuse new connections, keep serving, close_notify when grace ends; two listeners."""
+    with ServerThread(certs.server_context(), grace=30.0) as st:
+        second = st.call(lambda: st.server.listen("::1", 0))
+        assert st.call(lambda: st.server.addresses) == [st.address, second]
+        ctx = certs.client_ssl_context()
+        held = LongLived(HOST, st.port, ctx, 2).socks + LongLived("::1", second[1], ctx, 1).socks
+        closed = threading.Event()
+
+        def drained() -> None:
+            closed.set()
+            st._async.close()  # the last handle: the loop thread ends
+
+        st.call(lambda: st.server.drain(1.0, drained))
+        for address in ((HOST, st.port), ("::1", second[1])):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(address, timeout=5).close()
+        for i, s in enumerate(held):
+            s.sendall(b"drain %d" % i)
+            assert recv_exactly(s, 7) == b"drain %d" % i
+        for s in held:
+            with s:
+                assert s.recv(10) == b""  # close_notify once the grace period is over
+                s.unwrap()
+        assert closed.wait(10)

@@ -617,10 +617,10 @@ class Supervisor:
             log.warning("worker %d (pid %d) %s after %.1fs; restarting in %.1fs",
                         w.number, pid, how, lived, delay)
             if delay > SOCKET_KEEP_MAX and self._own.get(w.number):
-                log.warning("worker %d: closing its listening socket until it is back: new "
-                            "connections go to the other workers", w.number)
                 for sock in self._own.pop(w.number):
                     sock.close()
+                log.warning("worker %d: closed its listening socket until it is back: new "
+                            "connections go to the other workers", w.number)
 
     def _schedule_restart(self, w: _Worker) -> float:
         delay: float = min(RESTART_DELAY_MIN * 2.0 ** w.quick_deaths, RESTART_DELAY_MAX)
