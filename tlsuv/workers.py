@@ -675,6 +675,9 @@ class Supervisor:
             log.warning("SIGUSR2: an upgrade is already in progress (new process %d)",
                         self._successor.pid)
             return
+        if self._ready_fd is not None:
+            log.warning("SIGUSR2: not upgrading: this tree is itself starting as an upgrade")
+            return
         handed = list(self._shared) + [(sock, REUSEPORT_NAME) for w in self.workers
                                        for sock in self._own.get(w.number, [])]
         argv = upgrade.command_line()
