@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from conftest import Certs, TLSFiles
-from peers import GREETING, Interactive, PySSLServer
+from helpers import GREETING
+from peers import Interactive, PySSLServer
 
 from tlsuv.client_cli import EXIT_CONNECT, EXIT_OK, EXIT_TLS
 

@@ -17,6 +17,8 @@ import pytest
 from conftest import Certs, recv_exactly
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import GREETING
+from peers import Interactive
 
 ECHO = [sys.executable, "-m", "tlsuv.echo"]
 
@@ -106,7 +108,7 @@ def test_signal_stops_cleanly_with_exit_0(certs: Certs, signum: int) -> None:
     try:
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         with certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
-            assert recv_exactly(s, 4) == b"OK\r\n"
+            assert recv_exactly(s, 4) == GREETING
             os.kill(proc.pid, signum)
             # Served until the grace period ends, then close_notify: a clean EOF, not a
             # reset or truncation.
@@ -132,7 +134,7 @@ def test_self_signed_certificate_and_fingerprint() -> None:
         with ctx.wrap_socket(raw, server_hostname="localhost") as s:
             der = s.getpeercert(binary_form=True)
             assert der is not None
-            assert recv_exactly(s, 4) == b"OK\r\n"
+            assert recv_exactly(s, 4) == GREETING
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:
@@ -153,13 +155,13 @@ def test_self_signed_certificate_and_fingerprint() -> None:
 
 def test_second_signal_aborts_at_once(certs: Certs) -> None:
     # A long grace and close timeout: only the second signal can end this quickly.
-    proc, port, _ = start_echo("--cert", str(certs.cert_file), "--key", str(certs.key_file),
-                               "--grace", "60", "--close-timeout", "60")
-    try:
+    with Interactive([*ECHO, "--port", "0", "--cert", str(certs.cert_file), "--key", str(certs.key_file),
+                      "--grace", "60", "--close-timeout", "60", "--log-level", "info"]) as proc:
+        port = int(proc.read_match(rb"listening on .*:(\d+)\r?\n", timeout=20).group(1))
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s = certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost")
-        assert recv_exactly(s, 4) == b"OK\r\n"
+        assert recv_exactly(s, 4) == GREETING
         # Fill the server's send side: it cannot finish a graceful close while we do not read.
         s.setblocking(False)
         for _ in range(2000):
@@ -167,16 +169,13 @@ def test_second_signal_aborts_at_once(certs: Certs) -> None:
                 s.send(b"x" * 65536)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 break
-        os.kill(proc.pid, signal.SIGTERM)
-        time.sleep(0.5)
-        assert proc.poll() is None, "a graceful stop waits for the connection"
-        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.proc.pid, signal.SIGTERM)
+        proc.read_match(rb"SIGTERM: draining 1 connection\(s\), grace 60", stream="err")
+        assert proc.proc.poll() is None, "a graceful stop waits for the connection"
+        os.kill(proc.proc.pid, signal.SIGTERM)
+        proc.read_match(rb"second signal: aborting all connections", stream="err")
         assert proc.wait(timeout=10) == 0
         s.close()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_log_levels(certs: Certs) -> None:
@@ -190,7 +189,7 @@ def test_log_levels(certs: Certs) -> None:
             bad_port = bad.getsockname()[1]
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         with certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
-            assert recv_exactly(s, 4) == b"OK\r\n"
+            assert recv_exactly(s, 4) == GREETING
             good_port = s.getsockname()[1]
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=15)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import pyuv
 
 from . import _cli, activation, policy, upgrade, workers
+from ._uv import format_address
 from .certs import CertificateError, load_bundle, self_signed
 from .connection import Connection, ConnectionOptions
 from .handler import Handler
@@ -70,7 +71,8 @@ def build_parser() -> _cli.ArgumentParser:
                         "with close_notify (default 5)")
     p.add_argument("--log-level", choices=_cli.LOG_LEVELS, default="info")
     policy.add_arguments(p)  # --alpn, --client-ca, --sni, --tls-min/max, --ciphers, --keylog...
-    workers.add_arguments(p)  # --workers, --stats-interval, --proxy-protocol, --proxy-from...
+    workers.add_arguments(p)  # --workers, --stats-interval
+    _cli.add_proxy_arguments(p)
     activation.add_arguments(p)  # --listen-fd, --pid-file
     return p
 
@@ -94,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle_timeout=args.idle_timeout,
         close_timeout=args.close_timeout,
         allow_client_renegotiation=args.allow_client_renegotiation,
-        proxy=workers.proxy_options(args),
+        proxy=_cli.proxy_options(args, "python -m tlsuv.echo"),
     )
 
     announced: list[tuple[str, int]] = []
@@ -104,8 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"self-signed certificate for localhost, 127.0.0.1, ::1; "
                   f"SHA-256 fingerprint {bundle.fingerprint}", flush=True)
         announced.append((host, port))
-        shown = f"[{host}]" if ":" in host else host
-        print(f"tlsuv echo server listening on {shown}:{port}", flush=True)
+        print(f"tlsuv echo server listening on {format_address((host, port))}", flush=True)
 
     if args.workers > 1:  # forks, so before this process makes any loop (tlsuv.workers)
         return workers.run_cli(args, lambda lp: Server(
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if signum == signal.SIGUSR2:  # its default action would kill us, and every connection
             log.warning("SIGUSR2: upgrades need a supervising parent (--workers 2 or more); ignored")
             return
-        if server._closing:
+        if server.closing:
             log.info("second signal: aborting all connections")
             server.abort()
             return
