@@ -50,6 +50,12 @@ The traps, and how each is handled
   crash, or hang.  The old parent watches its exit status, the pipe's end
   of file and a deadline (:data:`READY_TIMEOUT`); on any of them it logs
   why, stops the successor if it still runs, and keeps serving.
+* **An old parent that gives up.**  The new parent watches its end of the
+  pipe: if the old one closes it before hearing ``ready`` (a SIGTERM during
+  the upgrade, or it died), the new tree drains and exits instead of
+  serving on behind a parent that stopped.  Closing the pipe is also how
+  the old parent stops it: a signal might reach it twice (once from the
+  old parent, once from a terminal or an init system) and mean "abort".
 * **Between fork and exec** the child only duplicates descriptors, sets
   two variables and executes; it never logs.  That is safe in Python
   because the parent that forks has no other thread (tlsuv.workers's
