@@ -126,8 +126,8 @@ def test_set_per_connection_where_the_listener_passes_nothing_on(certs: Certs) -
     """tlsuv sets the options once on the listener (Linux copies them at accept); if an
     accepted socket comes without them, every connection gets them itself."""
     with ServerThread(certs.server_context()) as st:
-        assert st.server._listener is not None
-        listener = socket.socket(fileno=os.dup(st.server._listener.fileno()))
+        (handle,) = st.server._listeners
+        listener = socket.socket(fileno=os.dup(handle.fileno()))
         try:
             assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)  # as if not inherited

@@ -107,13 +107,17 @@ def start_echo(*args: str) -> tuple[subprocess.Popen[str], int, list[str]]:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly_with_exit_0(certs: Certs, signum: int) -> None:
-    proc, port, _ = start_echo("--cert", str(certs.cert_file), "--key", str(certs.key_file))
+    proc, port, _ = start_echo("--cert", str(certs.cert_file), "--key", str(certs.key_file),
+                               "--grace", "1")
     try:
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         with certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
             assert recv_exactly(s, 4) == GREETING
             os.kill(proc.pid, signum)
-            # A graceful stop sends close_notify: a clean EOF, not a reset or truncation.
+            # Served until the grace period ends, then close_notify: a clean EOF, not a
+            # reset or truncation.
+            s.sendall(b"still served")
+            assert recv_exactly(s, 12) == b"still served"
             assert s.recv(10) == b""
         assert proc.wait(timeout=15) == 0
         assert proc.stderr is not None
@@ -213,7 +217,7 @@ def test_second_signal_aborts_at_once(certs: Certs) -> None:
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 break
         os.kill(proc.proc.pid, signal.SIGTERM)
-        proc.read_match(rb"SIGTERM: closing 1 connection\(s\), grace 60", stream="err")
+        proc.read_match(rb"SIGTERM: draining 1 connection\(s\), grace 60", stream="err")
         assert proc.proc.poll() is None, "a graceful stop waits for the connection"
         os.kill(proc.proc.pid, signal.SIGTERM)
         proc.read_match(rb"second signal: aborting all connections", stream="err")

@@ -506,7 +506,7 @@ def test_the_documented_certbot_deploy_hook_reloads_a_running_server(
         assert served(certs, sup.port) == der(old)
         hook = _hook_from_docs(source)
         for doc, here in (("/etc/tlsuv", str(dest)), ("tlsuv-certs", grp.getgrgid(os.getgid()).gr_name),
-                          ("systemctl reload tlsuv", f"kill -HUP {sup.proc.pid}")):
+                          ('"$(systemctl show --property MainPID --value tlsuv)"', str(sup.proc.pid))):
             assert doc in hook, f"{source}'s hook no longer mentions {doc}"
             hook = hook.replace(doc, here)
         mark = len(sup.lines)

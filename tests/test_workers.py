@@ -219,21 +219,33 @@ def _hold_open(certs: Certs, port: int, n: int) -> list[ssl.SSLSocket]:
 
 @pytest.mark.parametrize("how", ["SIGTERM to the parent", "Ctrl-C to the process group"])
 def test_signal_drains_every_worker_with_close_notify(certs: Certs, how: str) -> None:
-    with echo_workers(certs, "--workers", "2", "--grace", "10") as sup:
+    """A drain refuses new connections, serves the open ones to the end of --grace, then close_notify."""
+    with echo_workers(certs, "--workers", "2", "--grace", "2") as sup:
         sup.worker_pids(2)
         clients = _hold_open(certs, sup.port, 6)
+        mark = len(sup.lines)
         if how.startswith("SIGTERM"):
             sup.signal(signal.SIGTERM)
         else:
             # A terminal signals every process of the group at once: workers
             # must treat that as one drain, not as drain + abort.
             os.killpg(sup.proc.pid, signal.SIGINT)
+        for number in (1, 2):
+            sup.wait_for(rf"worker {number}: draining \d+ connection\(s\)", start=mark)
+        # Nobody listens any more (the parent closed its copies of the sockets too).
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", sup.port), timeout=5).close()
+        for i, s in enumerate(clients):  # still served during the grace period
+            payload = f"still here {i}".encode()
+            s.sendall(payload)
+            assert recv_exactly(s, len(payload)) == payload
         for s in clients:
             with s:
                 # close_notify arrives: a clean end (a bare TCP close would raise SSLEOFError).
                 assert s.recv(10) == b""
                 s.unwrap()
         assert sup.wait() == 0
+        sup.wait_for(r"grace period over: closing \d+ connection\(s\)", start=mark)
         assert len([line for line in sup.lines if "drained and exited" in line]) == 2
         assert not any("aborting" in line for line in sup.lines)
 
@@ -243,14 +255,16 @@ def test_second_signal_aborts(certs: Certs) -> None:
         sup.worker_pids(2)
         clients = _hold_open(certs, sup.port, 2)
         sup.signal(signal.SIGTERM)
-        for s in clients:
-            assert s.recv(10) == b""  # close_notify; we never answer it, so the drain would wait 30 s
         sup.wait_for(r"SIGTERM: draining 2 worker\(s\)")
+        for s in clients:  # the drain would serve them for 30 s
+            s.sendall(b"ping")
+            assert recv_exactly(s, 4) == b"ping"
         sup.signal(signal.SIGINT)
         assert sup.wait() == 0  # sup.wait's own timeout is far below the 30 s grace
         sup.wait_for(r"SIGINT again: aborting all connections")
         for s in clients:
-            s.close()
+            with s, pytest.raises((ssl.SSLEOFError, ConnectionResetError)):
+                s.recv(10)  # aborted: TCP closes without close_notify
 
 
 def _dead(pid: int) -> bool:

@@ -4,9 +4,16 @@ The seed's ``on_new_connection``: accept, build the TLS engine with its two
 memory BIOs, call ``established`` and start reading -- no explicit
 ``SSL_accept``; the handshake happens as reads and writes flow.  Added here:
 IPv4 and IPv6 (port 0 picks a free port and :attr:`Server.address` reports
-it), a connection limit, and an orderly :meth:`Server.close` that stops
-accepting, closes every connection gracefully and aborts what is left after a
-grace period.
+it), a connection limit, and two orderly endings: :meth:`Server.close` stops
+accepting, closes every connection gracefully at once and aborts what is left
+after a grace period; :meth:`Server.drain` stops accepting but keeps serving
+the open connections until they end by themselves or the grace period does,
+and only then closes them gracefully -- what a restart or an upgrade wants,
+since the client of a connection closed early sees its answer cut short.
+
+A server may listen on several sockets (an IPv4 and an IPv6 address, or the
+sockets systemd hands over); they share one connection limit, one set of
+counters and one shutdown.
 
 The limits of a real host (:mod:`tlsuv.limits`): a per-client connection cap
 (checked at accept, or when the PROXY header names the client), and running
@@ -49,6 +56,12 @@ log = logging.getLogger("tlsuv")
 # for more is harmless and lets a burst of handshakes queue instead of failing.
 DEFAULT_BACKLOG: Final = 4096
 
+# drain(): once the grace period is over, connections get close_notify and this
+# long to answer it before they are aborted.  A peer that is still there answers
+# within a round trip; the bound keeps a whole drain inside the grace period plus
+# the 5 s after which tlsuv.workers kills a worker that has not finished.
+DRAIN_CLOSE_WAIT: Final = 2.0
+
 
 class ServerError(TLSUVError):
     """The server could not bind or listen (address in use, bad host, ...)."""
@@ -90,8 +103,9 @@ class Server:
         # Connections accepted on one listener share their local address;
         # one tuple for all of them instead of one each (~150 bytes).
         self._sockname: tuple[str, int] | None = None
-        self._listener: pyuv.TCP | None = None
-        self._address: tuple[str, int] | None = None
+        self._listeners: list[pyuv.TCP] = []
+        self._address: tuple[str, int] | None = None  # the first listener's
+        self._addresses: list[tuple[str, int]] = []
         self._closing = False
         # Keepalive and TCP_USER_TIMEOUT are set on the listener; whether accepted
         # sockets inherit them is checked once, at the first accept (_configure).
@@ -102,8 +116,10 @@ class Server:
         self._clients = ClientCounts(max_connections_per_ip) if max_connections_per_ip else None
         self._client_of: dict[Connection, str] = {}
         self._refusal_log = Throttle()
-        # Out of file descriptors: accepting is paused and retried (tlsuv.limits).
+        # Out of file descriptors: the listeners whose connection libuv keeps
+        # until we accept it, and the retry (tlsuv.limits).
         self._reserve: DescriptorReserve | None = None
+        self._paused: list[pyuv.TCP] = []
         self._accept_timer: pyuv.Timer | None = None
         self._accept_paused_at: float | None = None
         self._accept_retry = RETRY_MIN
@@ -127,9 +143,9 @@ class Server:
     def listen(
         self, host: str = "127.0.0.1", port: int = 0, backlog: int = DEFAULT_BACKLOG
     ) -> tuple[str, int]:
-        """Bind and listen; return the bound ``(host, port)``."""
-        if self._listener is not None:
-            raise ServerError("server is already listening")
+        """Bind and listen; return the bound ``(host, port)``.  May be called again for more addresses."""
+        if self._closing:
+            raise ServerError("server is closing")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._hold_reserve()
         tcp = pyuv.TCP(self.loop)
@@ -143,18 +159,21 @@ class Server:
         except (OverflowError, ValueError, TypeError) as exc:  # pyuv's own argument checks
             tcp.close()
             raise ServerError(f"cannot listen on {format_address((host, port))}: {exc}") from exc
-        name = tcp.getsockname()
-        self._listener = tcp
-        self._configure_listener(tcp)
-        self._address = (str(name[0]), int(name[1]))
-        log.info("listening on %s (%s)", format_address(self._address),
+        address = self._add_listener(tcp)
+        log.info("listening on %s (%s)", format_address(address),
                  "IPv6" if family == socket.AF_INET6 else "IPv4")
-        return self._address
+        return address
 
     def listen_socket(self, sock: socket.socket, backlog: int = DEFAULT_BACKLOG) -> tuple[str, int]:
-        """Adopt a bound socket made in Python (e.g. with SO_REUSEPORT) and listen on it."""
-        if self._listener is not None:
-            raise ServerError("server is already listening")
+        """Adopt a bound socket made in Python (e.g. with SO_REUSEPORT) and listen on it.
+
+        The socket may already be listening (one inherited from systemd or
+        from the previous process during an upgrade): connections the kernel
+        has queued on it are kept, and ``backlog`` replaces its queue length.
+        The server owns the descriptor afterwards.
+        """
+        if self._closing:
+            raise ServerError("server is closing")
         self._hold_reserve()
         tcp = pyuv.TCP(self.loop)
         sock.setblocking(False)
@@ -169,23 +188,36 @@ class Server:
         except pyuv.error.UVError as exc:
             tcp.close()
             raise ServerError(f"cannot listen: {uv_error_text(exc)}") from exc
+        address = self._add_listener(tcp)
+        log.info("listening on %s (adopted socket)", format_address(address))
+        return address
+
+    def _add_listener(self, tcp: pyuv.TCP) -> tuple[str, int]:
         name = tcp.getsockname()
-        self._listener = tcp
+        address = (str(name[0]), int(name[1]))
         self._configure_listener(tcp)
-        self._address = (str(name[0]), int(name[1]))
-        log.info("listening on %s (adopted socket)", format_address(self._address))
-        return self._address
+        self._listeners.append(tcp)
+        self._addresses.append(address)
+        if self._address is None:
+            self._address = address
+        return address
 
     @property
     def closing(self) -> bool:
-        """:meth:`close` or :meth:`abort` was called: no new connections are accepted."""
+        """:meth:`close`, :meth:`drain` or :meth:`abort` was called: no new connections are accepted."""
         return self._closing
 
     @property
     def address(self) -> tuple[str, int]:
+        """The first address listened on."""
         if self._address is None:
             raise ServerError("server is not listening")
         return self._address
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every address listened on, in order."""
+        return list(self._addresses)
 
     @property
     def accepting_paused(self) -> bool:
@@ -222,7 +254,7 @@ class Server:
         if self._reserve is not None and not self._reserve.headroom():
             # Leave this connection with libuv, which stops watching the
             # listener until we accept it (tlsuv.limits).
-            self._pause_accepting()
+            self._pause_accepting(listener)
             return
         self._accept(listener)
 
@@ -279,26 +311,6 @@ class Server:
         self.connections.add(conn)
         conn._start()
 
-    def _configure_listener(self, tcp: pyuv.TCP) -> None:
-        try:
-            _sockopt.configure(tcp, self.options.keepalive, self.options.send_timeout)
-        except (OSError, pyuv.error.UVError) as exc:
-            self._inherits = False  # set them on each connection instead
-            log.debug("cannot set keepalive/TCP_USER_TIMEOUT on the listener: %s", exc)
-
-    def _configure(self, tcp: pyuv.TCP) -> None:
-        """Keepalive and TCP_USER_TIMEOUT for an accepted socket that may not have inherited them."""
-        keepalive, send_timeout = self.options.keepalive, self.options.send_timeout
-        try:
-            if self._inherits is None:
-                # Once per server: Linux copies them from the listener, other systems may not.
-                self._inherits = _sockopt.configured(tcp, keepalive, send_timeout)
-                if self._inherits:
-                    return
-            _sockopt.configure(tcp, keepalive, send_timeout)
-        except (OSError, pyuv.error.UVError) as exc:  # gone already: its first read will say so
-            log.debug("cannot set keepalive/TCP_USER_TIMEOUT: %s", exc)
-
     # -- per-client limit -----------------------------------------------------
 
     def _admit_proxied(self, conn: Connection) -> BaseException | None:
@@ -326,7 +338,10 @@ class Server:
 
     # -- out of file descriptors -------------------------------------------------
 
-    def _pause_accepting(self) -> None:
+    def _pause_accepting(self, listener: pyuv.TCP | None) -> None:
+        """``listener``'s connection stays with libuv, which stops watching it until we accept."""
+        if listener is not None and listener not in self._paused:
+            self._paused.append(listener)
         now = self.loop.now() / 1000
         if self._accept_paused_at is None:
             self._accept_paused_at = now
@@ -346,17 +361,22 @@ class Server:
         self._accept_timer.start(self._retry_accept, seconds, 0.0)
 
     def _retry_accept(self, timer: pyuv.Timer) -> None:
-        listener = self._listener
-        if self._accept_paused_at is None or listener is None or listener.closed or self._closing:
+        if self._accept_paused_at is None or self._closing:
             return
         assert self._reserve is not None
-        if not self._reserve.headroom():
-            self._pause_accepting()
-            return
+        while self._paused:
+            listener = self._paused[0]
+            if listener.closed:
+                self._paused.pop(0)
+                continue
+            if not self._reserve.headroom():
+                self._pause_accepting(None)
+                return
+            self._paused.pop(0)
+            self._accept(listener)  # the connection libuv kept; it then watches the listener again
         waited = self.loop.now() / 1000 - self._accept_paused_at
         self._accept_paused_at = None
         log.info("file descriptors free again: accepting after %.1fs", waited)
-        self._accept(listener)  # the connection libuv kept; it then watches the listener again
 
     def _out_of_descriptors(self) -> None:
         """EMFILE reached us: libuv's spare is gone and it will retry accept() at once, forever."""
@@ -373,8 +393,28 @@ class Server:
                       format_address(victims[-1].peer))
             victims[-1].abort(RefusedError("aborted: the server ran out of file descriptors"))
             return
-        log.error("out of file descriptors and nothing of ours to free: closing the listener")
+        log.error("out of file descriptors and nothing of ours to free: no longer listening")
         self.stop_listening()
+
+    def _configure_listener(self, tcp: pyuv.TCP) -> None:
+        try:
+            _sockopt.configure(tcp, self.options.keepalive, self.options.send_timeout)
+        except (OSError, pyuv.error.UVError) as exc:
+            self._inherits = False  # set them on each connection instead
+            log.debug("cannot set keepalive/TCP_USER_TIMEOUT on the listener: %s", exc)
+
+    def _configure(self, tcp: pyuv.TCP) -> None:
+        """Keepalive and TCP_USER_TIMEOUT for an accepted socket that may not have inherited them."""
+        keepalive, send_timeout = self.options.keepalive, self.options.send_timeout
+        try:
+            if self._inherits is None:
+                # Once per server: Linux copies them from the listener, other systems may not.
+                self._inherits = _sockopt.configured(tcp, keepalive, send_timeout)
+                if self._inherits:
+                    return
+            _sockopt.configure(tcp, keepalive, send_timeout)
+        except (OSError, pyuv.error.UVError) as exc:  # gone already: its first read will say so
+            log.debug("cannot set keepalive/TCP_USER_TIMEOUT: %s", exc)
 
     def _connection_gone(self, conn: Connection) -> None:
         self.connections.discard(conn)
@@ -397,8 +437,9 @@ class Server:
     # -- shutdown ------------------------------------------------------------
 
     def stop_listening(self) -> None:
-        if self._listener is not None and not self._listener.closed:
-            self._listener.close()
+        for listener in self._listeners:
+            if not listener.closed:
+                listener.close()
 
     def close(self, grace: float | None = 5.0, callback: Callable[[], None] | None = None) -> None:
         """Stop accepting, close every connection gracefully, abort the rest after ``grace``.
@@ -419,6 +460,36 @@ class Server:
         if grace is not None:
             self._grace_timer = pyuv.Timer(self.loop)
             self._grace_timer.start(self._grace_expired, grace, 0.0)
+
+    def drain(self, grace: float | None = 5.0, callback: Callable[[], None] | None = None) -> None:
+        """Stop accepting; serve open connections until they end or ``grace`` runs out; then close them.
+
+        What a restart or an upgrade wants: a connection that was mid-way
+        through an exchange finishes it.  When ``grace`` seconds are over,
+        what is still open gets close_notify (a graceful close), and
+        :data:`DRAIN_CLOSE_WAIT` seconds later whatever has not finished is
+        aborted.  ``grace=None`` waits for the peers however long they take.
+        ``callback`` runs once everything is closed, as for :meth:`close`;
+        :meth:`abort` cuts a drain short.  Idempotent, and a no-op after :meth:`close`.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self._on_closed = callback
+        self.stop_listening()
+        if not self.connections:
+            self._all_closed()
+            return
+        if grace is not None:
+            self._grace_timer = pyuv.Timer(self.loop)
+            self._grace_timer.start(self._drain_expired, grace, 0.0)
+
+    def _drain_expired(self, timer: pyuv.Timer) -> None:
+        log.info("grace period over: closing %d connection(s)", len(self.connections))
+        for conn in list(self.connections):
+            conn.close()
+        if self.connections:
+            timer.start(self._grace_expired, DRAIN_CLOSE_WAIT, 0.0)
 
     def abort(self) -> None:
         """Close every connection at once and stop (a second Ctrl-C)."""
