@@ -30,9 +30,10 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from peers import Interactive
 
+from tlsuv.echo import GREETING
+
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_PYUV = ROOT / "scripts" / "build_pyuv.py"
-GREETING = b"OK\r\n"
 
 
 def load_build_pyuv() -> ModuleType:
