@@ -26,11 +26,10 @@ from types import ModuleType
 
 import pytest
 from conftest import Certs, recv_exactly
+from helpers import GREETING
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from peers import Interactive
-
-from tlsuv.echo import GREETING
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_PYUV = ROOT / "scripts" / "build_pyuv.py"
