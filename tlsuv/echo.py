@@ -26,6 +26,9 @@ log = logging.getLogger("tlsuv.echo")
 
 GREETING = b"OK\r\n"
 
+# "tlsuv-echo" when started by that console script, else "python -m tlsuv.echo".
+PROG = _cli.program_name("tlsuv-echo", "tlsuv.echo")
+
 
 class EchoHandler(Handler):
     """Greets, then echoes; stops reading while the peer is not reading our echoes."""
@@ -50,7 +53,7 @@ def echo_factory(conn: Connection) -> Handler:
 
 
 def build_parser() -> _cli.ArgumentParser:
-    p = _cli.ArgumentParser(prog="python -m tlsuv.echo", description=__doc__.splitlines()[0])
+    p = _cli.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; ::1 for IPv6)")
     p.add_argument("--port", type=_cli.port_number, default=4433, help="TCP port (default 4433; 0 picks one)")
@@ -81,17 +84,17 @@ def build_parser() -> _cli.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (args.cert is None) != (args.key is None):
-        _cli.fail("python -m tlsuv.echo: error: --cert and --key go together")
+        _cli.fail(f"{PROG}: error: --cert and --key go together")
     _cli.setup_logging(args.log_level)
     try:  # LISTEN_FDS is read (and cleared) before anything else could inherit it
         inherited = activation.inherited_sockets(args.listen_fd)
     except activation.ActivationError as exc:
-        _cli.fail(f"python -m tlsuv.echo: error: {exc}")
+        _cli.fail(f"{PROG}: error: {exc}")
     try:
         bundle = load_bundle(args.cert, args.key) if args.cert is not None else self_signed()
         context = policy.context_from_args(args, bundle)
     except (CertificateError, policy.PolicyError) as exc:
-        _cli.fail(f"python -m tlsuv.echo: error: {exc}")
+        _cli.fail(f"{PROG}: error: {exc}")
     options = ConnectionOptions(
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
@@ -99,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keepalive=args.keepalive,
         send_timeout=args.send_timeout,
         allow_client_renegotiation=args.allow_client_renegotiation,
-        proxy=_cli.proxy_options(args, "python -m tlsuv.echo"),
+        proxy=_cli.proxy_options(args, PROG),
     )
 
     announced: list[tuple[str, int]] = []
@@ -114,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers > 1:  # forks, so before this process makes any loop (tlsuv.workers)
         return workers.run_cli(args, lambda lp: Server(
             lp, context, echo_factory, options=options, max_connections=args.max_connections), announce,
-            sockets=inherited)
+            PROG, sockets=inherited)
     ready_fd = upgrade.take_ready_fd()  # started by an upgrading tree (auto workers, now one CPU)
     loop = pyuv.Loop()
     server = Server(loop, context, echo_factory, options=options, max_connections=args.max_connections)
@@ -125,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             server.listen(args.host, args.port)
     except ServerError as exc:
-        _cli.fail(f"python -m tlsuv.echo: error: {exc}")
+        _cli.fail(f"{PROG}: error: {exc}")
     workers.log_stats_every(loop, server, args.stats_interval)
 
     signals: list[pyuv.Signal] = []
@@ -156,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             activation.write_pid_file(args.pid_file)
         except OSError as exc:
-            _cli.fail(f"python -m tlsuv.echo: error: cannot write --pid-file {args.pid_file}: {exc.strerror}")
+            _cli.fail(f"{PROG}: error: cannot write --pid-file {args.pid_file}: {exc.strerror}")
     for host, port in server.addresses:
         announce(host, port)
     if ready_fd is not None:
