@@ -7,8 +7,10 @@ The public surface::
     ContextSet, build_context_set,
     ProxyOptions, and the errors.
 
-The client lives in :mod:`tlsuv.client` (``tlsuv.client.connect``); it is not
-imported here so that ``python -m tlsuv.client`` runs without a double import.
+The client lives in :mod:`tlsuv.client` (``tlsuv.client.connect``), a package
+so that ``python -m tlsuv.client`` runs its ``__main__.py`` without executing
+the library twice; it is not imported here, to keep ``import tlsuv`` to what
+a server needs.
 """
 
 from .certs import CertificateBundle, CertificateError, load_bundle, self_signed, server_context

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import NoReturn
 
@@ -21,6 +22,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(f"{self.prog}: error: {message} (see --help)")
+
+
+def program_name(script: str, module: str) -> str:
+    """The name usage and error lines show: how the user started the tool.
+
+    ``script`` when started by that console script (``tlsuv-echo``), else the
+    ``python -m`` form -- also when ``main()`` is called from Python.
+    """
+    return script if os.path.basename(sys.argv[0]) == script else f"python -m {module}"
 
 
 def fail(message: str) -> NoReturn:

@@ -1,4 +1,4 @@
-"""``python -m tlsuv.client HOST:PORT``: stdin to a TLS server, its bytes to stdout.
+"""``tlsuv-client HOST:PORT`` (or ``python -m tlsuv.client``): stdin to a TLS server, its bytes to stdout.
 
 Like ``openssl s_client -quiet``, with two differences that make it usable
 in pipes: the certificate is verified (and a failure stops it), and the end
@@ -42,7 +42,7 @@ from .handler import Handler
 
 log = logging.getLogger("tlsuv.client")
 
-PROG: Final = "python -m tlsuv.client"
+PROG: Final = _cli.program_name("tlsuv-client", "tlsuv.client")
 
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = _cli.EXIT_USAGE

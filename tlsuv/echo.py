@@ -28,6 +28,9 @@ log = logging.getLogger("tlsuv.echo")
 
 GREETING = b"OK\r\n"
 
+# "tlsuv-echo" when started by that console script, else "python -m tlsuv.echo".
+PROG = _cli.program_name("tlsuv-echo", "tlsuv.echo")
+
 
 class EchoHandler(Handler):
     """Greets, then echoes; stops reading while the peer is not reading our echoes."""
@@ -52,7 +55,7 @@ def echo_factory(conn: Connection) -> Handler:
 
 
 def build_parser() -> _cli.ArgumentParser:
-    p = _cli.ArgumentParser(prog="python -m tlsuv.echo", description=__doc__.splitlines()[0])
+    p = _cli.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; ::1 for IPv6)")
     p.add_argument("--port", type=_cli.port_number, default=4433, help="TCP port (default 4433; 0 picks one)")
@@ -87,16 +90,16 @@ def build_parser() -> _cli.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (args.cert is None) != (args.key is None):
-        _cli.fail("python -m tlsuv.echo: error: --cert and --key go together")
+        _cli.fail(f"{PROG}: error: --cert and --key go together")
     files = reload.files_from_args(args)
     if args.reload_interval is not None and not files.paths():
-        _cli.fail("python -m tlsuv.echo: error: --reload-interval needs files to watch "
+        _cli.fail(f"{PROG}: error: --reload-interval needs files to watch "
                   "(--cert/--key, --sni or --client-ca)")
     _cli.setup_logging(args.log_level)
     try:  # LISTEN_FDS is read (and cleared) before anything else could inherit it
         inherited = activation.inherited_sockets(args.listen_fd)
     except activation.ActivationError as exc:
-        _cli.fail(f"python -m tlsuv.echo: error: {exc}")
+        _cli.fail(f"{PROG}: error: {exc}")
     try:
         bundle = load_bundle(args.cert, args.key) if args.cert is not None else self_signed()
         # Built from the files as the reloader reads them, so that what it
@@ -104,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reloader = reload.Reloader(files, policy.policy_from_args(args, bundle),
                                    interval=args.reload_interval)
     except (CertificateError, policy.PolicyError) as exc:
-        _cli.fail(f"python -m tlsuv.echo: error: {exc}")
+        _cli.fail(f"{PROG}: error: {exc}")
     context = reloader.context
     options = ConnectionOptions(
         handshake_timeout=args.handshake_timeout,
@@ -113,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keepalive=args.keepalive,
         send_timeout=args.send_timeout,
         allow_client_renegotiation=args.allow_client_renegotiation,
-        proxy=_cli.proxy_options(args, "python -m tlsuv.echo"),
+        proxy=_cli.proxy_options(args, PROG),
     )
     open_files = limits.raise_open_file_limit()  # before forking: workers inherit it
 
@@ -137,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return server
 
     if args.workers > 1:  # forks, so before this process makes any loop (tlsuv.workers)
-        return workers.run_cli(args, make_server, announce, sockets=inherited)
+        return workers.run_cli(args, make_server, announce, PROG, sockets=inherited)
     ready_fd = upgrade.take_ready_fd()  # started by an upgrading tree (auto workers, now one CPU)
     loop = pyuv.Loop()
     server = make_server(loop)
@@ -148,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             server.listen(args.host, args.port)
     except ServerError as exc:
-        _cli.fail(f"python -m tlsuv.echo: error: {exc}")
+        _cli.fail(f"{PROG}: error: {exc}")
     workers.log_stats_every(loop, server, args.stats_interval)
 
     signals: list[pyuv.Signal] = []
@@ -180,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             activation.write_pid_file(args.pid_file)
         except OSError as exc:
-            _cli.fail(f"python -m tlsuv.echo: error: cannot write --pid-file {args.pid_file}: {exc.strerror}")
+            _cli.fail(f"{PROG}: error: cannot write --pid-file {args.pid_file}: {exc.strerror}")
     for host, port in server.addresses:
         announce(host, port)
     if ready_fd is not None:
