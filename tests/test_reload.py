@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import grp
+import hashlib
 import logging
 import os
 import re
@@ -28,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
+from hammer import Hammer, LongLived, ServedBy
 from helpers import GREETING
 from OpenSSL import SSL
 from test_workers import ECHO, Supervised
@@ -131,6 +133,43 @@ def test_sighup_serves_the_new_certificate_and_open_connections_keep_echoing(
         line = sup.wait_for(r"default certificate: subject (.*)", start=mark)
         assert line.group(1).startswith(f"{subject}, names localhost, 127.0.0.1, valid until ")
         assert not problems(sup, mark)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_reloads_under_a_hammer_drop_nothing(certs: Certs, tmp_path: Path, workers: str) -> None:
+    """Clients connecting in a tight loop through several SIGHUP reloads: not one session lost,
+    each reload served from the next fresh connection on, connections opened before untouched."""
+    leaves = [certs.ca.issue_cert(*NAMES) for _ in range(3)]
+    digests = [hashlib.sha256(der(leaf)).hexdigest() for leaf in leaves]
+    files = site(tmp_path, leaves[0])
+    ctx = certs.client_ssl_context()
+    with echo("--cert", str(files.cert), "--key", str(files.key), "--workers", workers) as sup:
+        held = LongLived("127.0.0.1", sup.port, ctx, 4)
+        served_by = ServedBy()
+        hammer = Hammer("127.0.0.1", sup.port, ctx, clients=4, check=served_by)
+        hammer.start()
+        try:
+            hammer.wait_ok(20)
+            for leaf in leaves[1:]:
+                files.put(leaf)
+                mark = len(sup.lines)
+                sup.signal(signal.SIGHUP)
+                if workers == "1":
+                    sup.wait_for(r"SIGHUP: certificates reloaded", start=mark)
+                else:  # every worker says it
+                    for number in (1, 2):
+                        sup.wait_for(rf"worker {number}: SIGHUP: certificates reloaded", start=mark)
+                hammer.wait_ok(20)
+                held.echo("between reloads")
+        finally:
+            result = hammer.stop()
+        held.echo("after the reloads")
+        held.close()
+    print(f"\nSIGHUP x2 (--workers {workers}): hammer {result.summary()}; served by certificate: "
+          f"{[served_by.counts[d] for d in digests]}")
+    result.assert_clean()
+    assert all(served_by.counts[d] > 0 for d in digests), "each certificate served in its turn"
+    assert served_by.order[-1] == digests[-1]
 
 
 def _garbage(site: Site, certs: Certs) -> Path:
