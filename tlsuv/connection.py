@@ -244,6 +244,8 @@ class Connection:
         "_writing_paused",
         "bytes_in",
         "bytes_out",
+        "created_at",
+        "handshake_ms",
         "peer",
         "proxy_header",
         "proxy_peer",
@@ -302,6 +304,11 @@ class Connection:
         self.user_data: Any = None
         self.bytes_in = 0  # ciphertext bytes read from the socket
         self.bytes_out = 0  # ciphertext bytes handed to libuv
+        # For monitoring (tlsuv.stats, tlsuv.accesslog), in the loop's cached
+        # clock (milliseconds; no system call): when the connection was made (the
+        # accept), and how long its handshake took once it completed.
+        self.created_at: int = tcp.loop.now()
+        self.handshake_ms: int | None = None
         self._handler: Handler | None = None
         self._handler = self._call_factory(factory)
 
@@ -392,6 +399,17 @@ class Connection:
     def handshake_completed(self) -> bool:
         """The TLS handshake completed (and stays True if the connection failed later)."""
         return self._tls.handshake_completed
+
+    @property
+    def handshake_seconds(self) -> float | None:
+        """How long the handshake took (from the accept), or None until it completes."""
+        ms = self.handshake_ms
+        return None if ms is None else ms / 1000
+
+    @property
+    def reason(self) -> BaseException | None:
+        """Why the connection ended (``Handler.closed``'s reason); None while open or after a clean close."""
+        return self._reason
 
     @property
     def closed(self) -> bool:
@@ -680,6 +698,7 @@ class Connection:
         return b"" if self._phase is P_FINISHED else result.leftover
 
     def _on_handshake_complete(self) -> None:
+        self.handshake_ms = self._tcp.loop.now() - self.created_at
         if self._phase is P_HANDSHAKING:  # not if close() came first: that close goes on
             self._set_phase(P_OPEN)
         if log.isEnabledFor(logging.DEBUG):  # version and cipher are two pyOpenSSL calls

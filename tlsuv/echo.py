@@ -9,13 +9,14 @@ paused (flow control) instead of growing our memory.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 import pyuv
 
-from . import _cli, policy, workers
+from . import _cli, accesslog, metrics, policy, workers
 from ._uv import format_address
 from .certs import CertificateError, load_bundle, self_signed
 from .connection import Connection, ConnectionOptions
@@ -72,6 +73,7 @@ def build_parser() -> _cli.ArgumentParser:
     policy.add_arguments(p)  # --alpn, --client-ca, --sni, --tls-min/max, --ciphers, --keylog...
     workers.add_arguments(p)  # --workers, --stats-interval
     _cli.add_proxy_arguments(p)
+    metrics.add_arguments(p)  # --metrics, --access-log
     return p
 
 
@@ -82,9 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _cli.setup_logging(args.log_level)
     try:
         bundle = load_bundle(args.cert, args.key) if args.cert is not None else self_signed()
-        context = policy.context_from_args(args, bundle)
+        server_policy = policy.policy_from_args(args, bundle)
+        context = policy.build_server_context(server_policy)
     except (CertificateError, policy.PolicyError) as exc:
         _cli.fail(f"python -m tlsuv.echo: error: {exc}")
+    expiry = metrics.certificate_expiry(server_policy)
+    if args.access_log is not None and args.access_log != "-":
+        try:  # here, once, so a bad path is one line and exit 2, not a crash in every worker
+            os.close(os.open(args.access_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, accesslog.FILE_MODE))
+        except OSError as exc:
+            _cli.fail(f"python -m tlsuv.echo: error: --access-log {args.access_log}: {exc.strerror}")
     options = ConnectionOptions(
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
@@ -99,16 +108,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"SHA-256 fingerprint {bundle.fingerprint}", flush=True)
         print(f"tlsuv echo server listening on {format_address((host, port))}", flush=True)
 
+    def make_server(lp: pyuv.Loop) -> Server:
+        server = Server(lp, context, echo_factory, options=options, max_connections=args.max_connections)
+        server.stats.certificates.update(expiry)
+        if args.access_log is not None:
+            server.access_log = accesslog.AccessLog(lp, args.access_log)
+        return server
+
     if args.workers > 1:  # forks, so before this process makes any loop (tlsuv.workers)
-        return workers.run_cli(args, lambda lp: Server(
-            lp, context, echo_factory, options=options, max_connections=args.max_connections), announce)
+        return workers.run_cli(args, make_server, announce)
     loop = pyuv.Loop()
-    server = Server(loop, context, echo_factory, options=options, max_connections=args.max_connections)
+    server = make_server(loop)
     try:
         host, port = server.listen(args.host, args.port)
+        endpoint = None
+        if args.metrics is not None:
+            endpoint = metrics.MetricsServer(loop, metrics.registry_for(server), lambda: server.accepting)
+            metrics_address = endpoint.listen(*args.metrics)
     except ServerError as exc:
         _cli.fail(f"python -m tlsuv.echo: error: {exc}")
     announce(host, port)
+    if endpoint is not None:
+        metrics.announce(metrics_address)
     workers.log_stats_every(loop, server, args.stats_interval)
 
     signals: list[pyuv.Signal] = []
@@ -116,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def done() -> None:
         for h in signals:
             h.close()
+        if endpoint is not None:
+            endpoint.close()
+        if server.access_log is not None:
+            server.access_log.close()
 
     def on_signal(handle: pyuv.Signal, signum: int) -> None:
         if server.closing:
@@ -130,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         h = pyuv.Signal(loop)
         h.start(on_signal, signum)
         signals.append(h)
+    reopen = pyuv.Signal(loop)  # logrotate's convention
+    reopen.start(lambda h, signum: accesslog.reopen_all(), signal.SIGUSR1)
+    signals.append(reopen)
     loop.run()
     return 0
 

@@ -93,12 +93,17 @@ from typing import TYPE_CHECKING, Final, NoReturn
 
 import pyuv
 
-from . import _cli
+from . import _cli, accesslog
 from ._uv import format_address
 from .server import DEFAULT_BACKLOG, Server, ServerError
+from .stats import Snapshot
 
 if TYPE_CHECKING:
     from types import FrameType
+
+    from prometheus_client.metrics_core import Metric
+
+    from .metrics import SelectorEndpoint
 
 log = logging.getLogger("tlsuv.workers")
 
@@ -126,9 +131,11 @@ ABORT_MARGIN: Final = 2.0
 # a second stale whatever the interval; a report is ~150 bytes.
 STATS_PUSH_MAX: Final = 1.0
 
-# Orders and reports are tiny JSON objects; SOCK_SEQPACKET keeps each one a
-# message, so a reader never sees half of one.
-MESSAGE_MAX: Final = 4096
+# Orders and reports are small JSON objects; SOCK_SEQPACKET keeps each one a
+# message, so a reader never sees half of one.  A report with a metrics
+# snapshot (--metrics) is 1-3 KiB, more with many ciphers or ALPN protocols:
+# 64 KiB leaves room, and stays well under the socket's send buffer.
+MESSAGE_MAX: Final = 65536
 
 # The parent wakes at least this often even with nothing scheduled: a cheap
 # safety net should a wake-up ever be lost.
@@ -216,6 +223,7 @@ class _Worker:
     counters: Counters = field(default_factory=Counters)
     status: int | None = None  # exit status once reaped during the drain
     listened: bool = False  # has listened at least once (for the "ready" announcement)
+    snapshot: Snapshot = field(default_factory=Snapshot)  # its last metrics report (--metrics)
 
 
 class Supervisor:
@@ -239,6 +247,7 @@ class Supervisor:
         grace: float | None = 5.0,
         stats_interval: float | None = None,
         backlog: int = DEFAULT_BACKLOG,
+        metrics: tuple[str, int] | None = None,
     ) -> None:
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be 1-{MAX_WORKERS}")
@@ -264,6 +273,13 @@ class Supervisor:
         self._retired = Counters()
         self._next_stats: float | None = None
         self._on_ready: Callable[[], None] | None = None
+        # --metrics: one endpoint in the parent for the whole server; the
+        # workers' snapshots summed, the dead ones' kept (like _retired).
+        self.metrics = metrics
+        self.metrics_address: tuple[str, int] | None = None
+        self._endpoint: SelectorEndpoint | None = None
+        self._retired_snapshot = Snapshot()
+        self._restarts = 0
 
     # -- set-up --------------------------------------------------------------
 
@@ -291,7 +307,51 @@ class Supervisor:
         self._reservation = sock
         name = sock.getsockname()
         self.address = (str(name[0]), int(name[1]))
+        if self.metrics is not None:
+            self._bind_metrics(*self.metrics)
         return self.address
+
+    # -- --metrics ---------------------------------------------------------------
+
+    def _bind_metrics(self, host: str, port: int) -> None:
+        from prometheus_client import CollectorRegistry  # noqa: PLC0415 - only with --metrics
+
+        from .metrics import SelectorEndpoint, ServerCollector  # noqa: PLC0415
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ServerCollector(self.snapshot, extra=self._worker_families))
+        endpoint = SelectorEndpoint(registry, self.ready)
+        try:
+            self.metrics_address = endpoint.bind(host, port)
+        except ServerError:
+            if self._reservation is not None:
+                self._reservation.close()
+                self._reservation = None
+            self.address = None
+            raise
+        self._endpoint = endpoint
+
+    def snapshot(self) -> Snapshot:
+        """The whole server's counts: every worker's last report, and those of workers gone."""
+        total = self._retired_snapshot
+        for w in self.workers:
+            total = total + w.snapshot
+        return total
+
+    def ready(self) -> bool:
+        """Serving and not draining: what ``/-/ready`` reports."""
+        return not self._draining and any(w.pid and w.listened for w in self.workers)
+
+    def _worker_families(self) -> list[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily  # noqa: PLC0415
+
+        return [
+            GaugeMetricFamily("tlsuv_workers", "Worker processes configured.", value=len(self.workers)),
+            GaugeMetricFamily("tlsuv_workers_running", "Worker processes running now.",
+                              value=sum(1 for w in self.workers if w.pid)),
+            CounterMetricFamily("tlsuv_worker_restarts", "Workers restarted after dying.",
+                                value=self._restarts),
+        ]
 
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
         """Fork the workers and supervise them until they have drained; return the exit status.
@@ -304,6 +364,8 @@ class Supervisor:
         assert self.address is not None
         log.info("starting %d workers on %s", len(self.workers), format_address(self.address))
         self._selector = selectors.DefaultSelector()
+        if self._endpoint is not None:
+            self._endpoint.attach(self._selector)
         self._install_signals()
         try:
             for w in self.workers:
@@ -315,6 +377,8 @@ class Supervisor:
             self._restore_signals()
             for w in self.workers:
                 self._close_channel(w)
+            if self._endpoint is not None:
+                self._endpoint.close()
             self._selector.close()
             if self._reservation is not None:
                 self._reservation.close()
@@ -326,7 +390,7 @@ class Supervisor:
         self._wakeup = (r, w)
         assert self._selector is not None
         self._selector.register(r, selectors.EVENT_READ, None)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR1):
             self._saved_handlers[signum] = signal.signal(signum, self._on_signal)
         # The handlers only record; the wake-up fd makes select() return.
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
@@ -368,11 +432,15 @@ class Supervisor:
                 log.info("%s", self._totals().line(len(self.workers)))
                 assert self.stats_interval is not None
                 self._next_stats = max(self._next_stats + self.stats_interval, now)
-            for key, _ in self._selector.select(self._timeout()):
+            for key, mask in self._selector.select(self._timeout()):
                 if key.data is None:
                     _drain_fd(key.fd)
+                elif key.data is self._endpoint:
+                    self._endpoint.handle(key, mask)
                 else:
                     self._read_messages(key.data)
+            if self._endpoint is not None:
+                self._endpoint.expire(time.monotonic())
         # None: the worker was down (waiting for its restart) when the drain began.
         failed = [w for w in self.workers if w.status not in (None, 0)]
         if self.stats_interval is not None:
@@ -396,6 +464,10 @@ class Supervisor:
         while self._signals:
             signum = self._signals.pop(0)
             name = signal.Signals(signum).name
+            if signum == signal.SIGUSR1:  # logrotate's "reopen your logs": the workers hold them
+                for w in self.workers:
+                    self._send(w, {"order": "reopen"})
+                continue
             if not self._draining:
                 self._draining = True
                 alive = [w for w in self.workers if w.pid]
@@ -439,6 +511,8 @@ class Supervisor:
             self._retired = self._retired + Counters(**{
                 **w.counters.to_message(), "open": 0})
             w.counters = Counters()
+            self._retired_snapshot = self._retired_snapshot + w.snapshot.retired()
+            w.snapshot = Snapshot()
             self._close_channel(w)
             w.pid = 0
             code = os.waitstatus_to_exitcode(status)
@@ -455,6 +529,7 @@ class Supervisor:
             if lived >= STABLE_AFTER:
                 w.quick_deaths = 0
             delay = self._schedule_restart(w)
+            self._restarts += 1
             log.warning("worker %d (pid %d) %s after %.1fs; restarting in %.1fs",
                         w.number, pid, how, lived, delay)
 
@@ -506,6 +581,9 @@ class Supervisor:
                     on_ready, self._on_ready = self._on_ready, None
                     on_ready()
             w.counters = Counters.from_message(message)
+            snapshot = message.get("snapshot")
+            if isinstance(snapshot, dict):
+                w.snapshot = Snapshot.from_message(snapshot)
 
     def _close_channel(self, w: _Worker) -> None:
         if w.channel is None:
@@ -540,6 +618,7 @@ class Supervisor:
         ours.setblocking(False)
         w.pid, w.channel, w.started, w.restart_at = pid, ours, time.monotonic(), None
         w.counters = Counters()
+        w.snapshot = Snapshot()
         self._selector.register(ours, selectors.EVENT_READ, w)
         log.debug("worker %d forked (pid %d)", w.number, pid)
 
@@ -560,6 +639,8 @@ class Supervisor:
                     other.channel.close()
             if self._reservation is not None:
                 self._reservation.close()
+            if self._endpoint is not None:
+                self._endpoint.close_after_fork()
             if self._selector is not None:
                 self._selector.close()
             global _worker_number  # noqa: PLW0603 -- set once, right after the fork
@@ -606,21 +687,28 @@ class _Child:
         poll.start(pyuv.UV_READABLE, self._on_channel)
         term = pyuv.Signal(loop)
         term.start(self._on_sigterm, signal.SIGTERM)
-        self.handles = [poll, term]
-        if self.sup.stats_interval is not None:
-            period = min(self.sup.stats_interval, STATS_PUSH_MAX)
+        reopen = pyuv.Signal(loop)  # SIGUSR1 sent to the worker itself (systemctl kill -s USR1)
+        reopen.start(lambda h, signum: accesslog.reopen_all(), signal.SIGUSR1)
+        self.handles = [poll, term, reopen]
+        if self.sup.stats_interval is not None or self.sup.metrics is not None:
+            period = min(self.sup.stats_interval or STATS_PUSH_MAX, STATS_PUSH_MAX)
             timer = pyuv.Timer(loop)
             timer.start(lambda t: self._report(), period, period)
             self.handles.append(timer)
         self._report("listening")
         loop.run()
+        if server.access_log is not None:
+            server.access_log.close()
+            loop.run()  # the access log's handle closes
         self._report("exiting")
         self.channel.close()
         return 0
 
     def _report(self, event: str = "stats") -> None:
         assert self.server is not None
-        message = {"event": event, **Counters.of(self.server).to_message()}
+        message: dict[str, object] = {"event": event, **Counters.of(self.server).to_message()}
+        if self.sup.metrics is not None:
+            message["snapshot"] = self.server.snapshot().to_message()
         # Never block the loop on the parent: a report is a snapshot and the
         # next one replaces it, so a full buffer just drops this one.
         with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionError):
@@ -647,6 +735,8 @@ class _Child:
                 self._drain()
             elif order == "abort":
                 self._abort()
+            elif order == "reopen":
+                accesslog.reopen_all()
 
     def _on_sigterm(self, handle: pyuv.Signal, signum: int) -> None:
         self._drain()  # idempotent: the parent's order may come too
@@ -772,13 +862,20 @@ def run_cli(
     prog: str = "python -m tlsuv.echo",
 ) -> int:
     """``--workers N`` for a command-line tool: bind, supervise, announce once all listen."""
+    metrics = getattr(args, "metrics", None)
     sup = Supervisor(setup, host=args.host, port=args.port, workers=args.workers, grace=args.grace,
-                     stats_interval=args.stats_interval)
+                     stats_interval=args.stats_interval, metrics=metrics)
     try:
         host, port = sup.bind()
     except ServerError as exc:
         _cli.fail(f"{prog}: error: {exc}")
-    return sup.run(lambda: announce(host, port))
+
+    def ready() -> None:
+        announce(host, port)
+        if sup.metrics_address is not None:
+            print(f"tlsuv metrics on http://{format_address(sup.metrics_address)}/metrics", flush=True)
+
+    return sup.run(ready)
 
 
 __all__ = [
