@@ -119,12 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return workers.run_cli(args, make_server, announce)
     loop = pyuv.Loop()
     server = make_server(loop)
+    endpoint = None
     try:
-        host, port = server.listen(args.host, args.port)
-        endpoint = None
-        if args.metrics is not None:
+        if args.metrics is not None:  # first: its error is then the only line
             endpoint = metrics.MetricsServer(loop, metrics.registry_for(server), lambda: server.accepting)
             metrics_address = endpoint.listen(*args.metrics)
+        host, port = server.listen(args.host, args.port)
     except ServerError as exc:
         _cli.fail(f"python -m tlsuv.echo: error: {exc}")
     announce(host, port)
