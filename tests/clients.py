@@ -196,7 +196,8 @@ class CountingClient:
     """
 
     def __init__(self, port: int, ctx: ssl.SSLContext | None, *, session: ssl.SSLSession | None = None,
-                 server_hostname: str | None = "localhost", prefix: bytes = b"", timeout: float = 10.0) -> None:
+                 server_hostname: str | None = "localhost", prefix: bytes = b"",
+                 timeout: float = 10.0) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.local_port = int(self.sock.getsockname()[1])
         self.sent = 0
