@@ -18,9 +18,12 @@ The traps, and how each is handled
 
 * **Never block the loop.**  A line is formatted when the connection ends
   (the SSL object still holds its parameters then) and appended to a
-  buffer; the buffer is written with one ``write(2)`` at the end of the loop
-  iteration (a libuv Check handle, started only while lines wait), however
-  many connections ended in it.  A regular file's write goes to the page
+  buffer; the buffer is written with one ``write(2)`` per loop iteration,
+  however many connections ended in it, by a libuv Prepare handle started
+  only while lines wait.  Prepare, not Check: connections end in libuv's
+  close callbacks, which run after the Check phase, and the next Check
+  would come only after the next poll -- which may block until some other
+  connection does something.  Prepare runs before that poll.  A regular file's write goes to the page
   cache; a pipe that is full (``-`` with a slow reader) keeps lines, up to
   :data:`PENDING_MAX` bytes, for the next iteration.
 
@@ -145,7 +148,7 @@ class AccessLog:
         self._fd = self._open()
         self._lines: list[bytes] = []
         self._pending = 0  # bytes in _lines
-        self._check: pyuv.Check | None = pyuv.Check(loop)
+        self._prepare: pyuv.Prepare | None = pyuv.Prepare(loop)
         self._failing = False
         self.lost = 0  # lines dropped since writing last failed
         self.written = 0  # lines written, for tests and curiosity
@@ -159,11 +162,11 @@ class AccessLog:
 
     @property
     def closed(self) -> bool:
-        return self._check is None
+        return self._prepare is None
 
     def connection_ended(self, conn: Connection) -> None:
         """Queue ``conn``'s line; it is written at the end of this loop iteration."""
-        if self._check is None:
+        if self._prepare is None:
             return
         try:
             line = json.dumps(record(conn, self.loop.now(), time.time()), separators=(",", ":"),
@@ -178,15 +181,15 @@ class AccessLog:
         self._lines.append(data)
         self._pending += len(data)
         if len(self._lines) == 1:
-            self._check.start(self._on_check)
+            self._prepare.start(self._on_prepare)
 
-    def _on_check(self, handle: pyuv.Check) -> None:
+    def _on_prepare(self, handle: pyuv.Prepare) -> None:
         self.flush()
 
     def flush(self) -> None:
         """Write what waits, now.  Never raises."""
-        if self._check is not None and self._check.active:
-            self._check.stop()
+        if self._prepare is not None and self._prepare.active:
+            self._prepare.stop()
         if not self._lines:
             return
         self._check_link()
@@ -207,8 +210,8 @@ class AccessLog:
             self._lines.append(rest)
             self._pending = len(rest)
             self.written += data[:n].count(b"\n")
-            if self._check is not None:
-                self._check.start(self._on_check)
+            if self._prepare is not None:
+                self._prepare.start(self._on_prepare)
             return
         self.written += count
         if self._failing:
@@ -239,7 +242,7 @@ class AccessLog:
 
     def reopen(self) -> None:
         """Open the path again (after a rotation); on failure keep the old file and say so."""
-        if self._check is None or self.path == "-":
+        if self._prepare is None or self.path == "-":
             return
         try:
             fd = self._open()
@@ -255,10 +258,10 @@ class AccessLog:
 
     def close(self) -> None:
         """Write what waits and close the file and the handle.  Idempotent."""
-        if self._check is None:
+        if self._prepare is None:
             return
         self.flush()
-        check, self._check = self._check, None
+        check, self._prepare = self._prepare, None
         check.close()
         _open_logs.discard(self)
         if self.path != "-":

@@ -909,7 +909,7 @@ class Connection:
             # Best effort: a few bytes, and the queue is usually empty.  If the
             # peer is gone or slow the error we report is still the TLS one.
             with contextlib.suppress(pyuv.error.UVError):
-                self._tcp.try_write(alert)
+                self.bytes_out += self._tcp.try_write(alert)
         self._finish(exc)
 
     def _abort(self, reason: BaseException, cause: BaseException | None = None) -> None:
