@@ -14,6 +14,8 @@ import os
 import re
 import signal
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,10 +136,11 @@ def test_each_line_matches_what_the_client_did(certs: Certs, tmp_path: Path) -> 
         silent.wait_eof()
         r1, r2, r3, r4, r5, r6 = read_lines(log, 6)
         alice_subject = x509.load_pem_x509_certificate(alice.cert_chain_pems[0].bytes()).subject
+        subject = alice_subject.rfc4514_string()
 
-        check_good(r1, first, port, subject=alice_subject.rfc4514_string(), alpn="h2")
+        check_good(r1, first, port, subject=subject, alpn="h2")
         assert r1["error"] is None and r1["message"] is None and r1["alert"] is None
-        check_good(r2, second, port, close="truncated", resumed=True, subject=alice_subject.rfc4514_string(), alpn="h2")
+        check_good(r2, second, port, close="truncated", resumed=True, subject=subject, alpn="h2")
         assert r2["error"] == "TruncationError" and "close_notify" in r2["message"]
         check_good(r3, third, port)
         assert r3["tls_version"] == "TLSv1.2"
@@ -259,9 +262,6 @@ def test_workers_append_to_one_file_and_reopen_on_the_parents_sigusr1(certs: Cer
 
 
 def test_an_unwritable_path_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
     proc = subprocess.run([sys.executable, "-m", "tlsuv.echo", "--port", "0", "--access-log",
                            str(tmp_path / "no" / "such" / "dir.log")], check=False, capture_output=True,
                           text=True, timeout=20)
