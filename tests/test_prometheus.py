@@ -109,8 +109,8 @@ def test_prometheus_scrapes_tlsuv_and_the_documented_queries_run(certs: Certs, t
             # Each documented query runs; rates need two scrapes in their window.
             wait(lambda: query(base, queries[0])["result"], "the failure-rate query stayed empty", 30, proc,
                  log)
-            by_reason = {r["metric"]["reason"]: float(r["value"][1]) for r in query(base, queries[0])["result"]}
-            assert set(by_reason) >= {"protocol", "timeout", "certificate_rejected"}
+            reasons = {r["metric"]["reason"] for r in query(base, queries[0])["result"]}
+            assert reasons >= {"protocol", "timeout", "certificate_rejected"}
             versions = {r["metric"]["version"] for r in query(base, queries[1])["result"]}
             assert versions == {"TLSv1.3"}
             (days,) = query(base, queries[2])["result"]
