@@ -289,30 +289,73 @@ class Snapshot:
         return out
 
 
+# What a completed handshake negotiated, read from OpenSSL once per connection:
+# (handshake seconds or None, version, cipher, ALPN protocol or None, resumed).
+_Params = tuple[float | None, str, str | None, str | None, bool]
+
+
+def _params(conn: Connection) -> _Params:
+    return (conn.handshake_seconds, *_openssl.negotiated(conn.ssl))
+
+
+class _Handshakes:
+    """Counts of completed handshakes: a number, a histogram, and what they negotiated."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.buckets = [0] * (len(HANDSHAKE_BUCKETS) + 1)
+        self.seconds = 0.0
+        self.versions: dict[str, int] = {}
+        self.ciphers: dict[str, int] = {}
+        self.alpn: dict[str, int] = {}
+        self.resumed = 0
+
+    def add(self, p: _Params, n: int = 1) -> None:
+        """Count one handshake (``n=-1``: take one back, when an open one moves to the ended)."""
+        seconds, version, cipher, alpn, resumed = p
+        self.count += n
+        if seconds is not None:
+            self.buckets[_bucket(seconds)] += n
+            self.seconds += n * seconds
+        self.versions[version] = self.versions.get(version, 0) + n
+        if cipher is not None:
+            self.ciphers[cipher] = self.ciphers.get(cipher, 0) + n
+        if alpn is not None:
+            self.alpn[alpn] = self.alpn.get(alpn, 0) + n
+        self.resumed += n * resumed
+
+
 class Stats:
     """A server's counts of ended connections, and the snapshot that adds the open ones.
 
     ``Server`` owns one (``server.stats``) and calls :meth:`connection_ended`
     once per connection.  The reload counters and the certificate expiry are
     set by whoever loads certificates (the echo server, a reloader).
+
+    A scrape reads an open connection's negotiated parameters from OpenSSL
+    once, the first time it sees the handshake completed, and keeps them
+    (``_seen``, a few dozen bytes per open connection) until the connection
+    ends: so a scrape costs a pass over the open connections, not five
+    OpenSSL calls for each of them every time.
     """
 
     def __init__(self) -> None:
-        self.handshakes = 0
         self.handshake_failures: dict[str, int] = {}
-        self.handshake_buckets = [0] * (len(HANDSHAKE_BUCKETS) + 1)
-        self.handshake_seconds = 0.0
         self.closed: dict[str, int] = {}
-        self.resumed = 0
         self.renegotiations = 0
-        self.versions: dict[str, int] = {}
-        self.ciphers: dict[str, int] = {}
-        self.alpn: dict[str, int] = {}
+        self._ended = _Handshakes()
+        self._open = _Handshakes()  # what the connections in _seen add
+        self._seen: dict[Connection, _Params] = {}
         # Set by the code that loads and reloads certificates.
         self.certificates: dict[str, float] = {}
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.last_reload_time = 0.0
+
+    @property
+    def handshakes(self) -> int:
+        """Completed handshakes of the connections that have ended (a snapshot adds the open ones)."""
+        return self._ended.count
 
     def connection_ended(self, conn: Connection) -> None:
         """Classify ``conn`` (gone: ``Handler.closed`` has run) and count it."""
@@ -320,60 +363,55 @@ class Stats:
         closed = close_reason(reason)
         self.closed[closed] = self.closed.get(closed, 0) + 1
         if conn.handshake_completed:
-            self._count_handshake(conn, self)
+            p = self._seen.pop(conn, None)
+            if p is not None:
+                self._open.add(p, -1)
+            else:
+                p = _params(conn)
+            self._ended.add(p)
+            self.renegotiations += int(conn.ssl.total_renegotiations())
         else:
             failure = handshake_failure(reason)
             self.handshake_failures[failure] = self.handshake_failures.get(failure, 0) + 1
 
-    @staticmethod
-    def _count_handshake(conn: Connection, into: Stats | Snapshot) -> None:
-        into.handshakes += 1
-        seconds = conn.handshake_seconds
-        if seconds is not None:
-            into.handshake_buckets[_bucket(seconds)] += 1
-            into.handshake_seconds += seconds
-        ssl = conn.ssl
-        version = ssl.get_protocol_version_name()
-        into.versions[version] = into.versions.get(version, 0) + 1
-        cipher = ssl.get_cipher_name()
-        if cipher is not None:
-            into.ciphers[cipher] = into.ciphers.get(cipher, 0) + 1
-        proto = ssl.get_alpn_proto_negotiated()
-        if proto:
-            name = proto.decode("ascii", "replace")
-            into.alpn[name] = into.alpn.get(name, 0) + 1
-        if _openssl.session_reused(ssl):
-            into.resumed += 1
-        into.renegotiations += int(ssl.total_renegotiations())
-
     def snapshot(self, *, accepted: int, refused: Mapping[str, int], ended_bytes_in: int,
                  ended_bytes_out: int, live: Iterable[Connection], accepting: bool) -> Snapshot:
-        """The ended connections' counts plus the open connections' share, now."""
-        snap = Snapshot(
+        """The ended connections' counts plus the open connections' share, now.
+
+        Renegotiations count when a connection ends.
+        """
+        seen = self._seen
+        opened = self._open
+        count = 0
+        bytes_in = ended_bytes_in
+        bytes_out = ended_bytes_out
+        for conn in live:
+            count += 1
+            bytes_in += conn.bytes_in
+            bytes_out += conn.bytes_out
+            if conn not in seen and conn.handshake_completed:
+                p = seen[conn] = _params(conn)
+                opened.add(p)
+        ended = self._ended
+        return Snapshot(
             accepted=accepted,
+            open=count,
             refused={k: v for k, v in refused.items() if v},
-            handshakes=self.handshakes,
+            handshakes=ended.count + opened.count,
             handshake_failures=dict(self.handshake_failures),
-            handshake_buckets=list(self.handshake_buckets),
-            handshake_seconds=self.handshake_seconds,
+            handshake_buckets=[a + b for a, b in zip(ended.buckets, opened.buckets, strict=True)],
+            handshake_seconds=ended.seconds + opened.seconds,
             closed=dict(self.closed),
-            bytes_in=ended_bytes_in,
-            bytes_out=ended_bytes_out,
-            resumed=self.resumed,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            resumed=ended.resumed + opened.resumed,
             renegotiations=self.renegotiations,
-            versions=dict(self.versions),
-            ciphers=dict(self.ciphers),
-            alpn=dict(self.alpn),
+            versions={k: v for k, v in _add_counts(ended.versions, opened.versions).items() if v},
+            ciphers={k: v for k, v in _add_counts(ended.ciphers, opened.ciphers).items() if v},
+            alpn={k: v for k, v in _add_counts(ended.alpn, opened.alpn).items() if v},
             certificates=dict(self.certificates),
             reloads_ok=self.reloads_ok,
             reloads_failed=self.reloads_failed,
             last_reload_time=self.last_reload_time,
             accepting=accepting,
         )
-        for conn in live:
-            snap.open += 1
-            snap.bytes_in += conn.bytes_in
-            snap.bytes_out += conn.bytes_out
-            if conn.handshake_completed:
-                self._count_handshake(conn, snap)
-        return snap
