@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 import pytest
 import pyuv
 from clients import GREETING, CountingClient
-from conftest import Certs
+from conftest import Certs, ServerThread
 from cryptography import x509
+from OpenSSL import SSL
+from peers import Interactive, require_tool
 from prometheus_client.parser import text_string_to_metric_families
 from test_workers import ECHO, Supervised
 
@@ -198,15 +200,18 @@ def expiry_of(certs: Certs) -> float:
     return x509.load_pem_x509_certificate(certs.cert_file.read_bytes()).not_valid_after_utc.timestamp()
 
 
-def hold_until_refused(certs: Certs, port: int, exp: Expected, refusals: int) -> list[CountingClient]:
-    """Open connections and keep them until ``refusals`` were refused; returns the held ones.
+def hold_until_refused(certs: Certs, port: int, exp: Expected, capacity: int,
+                       refusals: int) -> list[CountingClient]:
+    """Open connections and keep them until ``capacity`` are held and ``refusals`` were refused.
 
     A refused connection is accepted by the kernel and closed by the server
-    before any TLS: the client's handshake meets EOF.
+    before any TLS: the client's handshake meets EOF.  (With workers, each
+    has its own limit and the kernel picks the worker: refusals may come
+    before every worker is full.)
     """
     held: list[CountingClient] = []
     refused = 0
-    for _ in range(50):
+    for _ in range(100):
         c = CountingClient(port, certs.client_ssl_context())
         try:
             c.handshake()
@@ -215,12 +220,12 @@ def hold_until_refused(certs: Certs, port: int, exp: Expected, refusals: int) ->
             c.wait_eof()
             refused += 1
             exp.refused += 1
-            if refused == refusals:
-                return held
-            continue
-        assert c.read_exactly(len(GREETING)) == GREETING
-        held.append(c)
-    raise AssertionError("the connection limit never refused a connection")
+        else:
+            assert c.read_exactly(len(GREETING)) == GREETING
+            held.append(c)
+        if len(held) == capacity and refused >= refusals:
+            return held
+    raise AssertionError(f"held {len(held)}, refused {refused}: the limit did not work as expected")
 
 
 def wait_for(predicate: object, what: str, timeout: float = 15.0) -> None:
@@ -255,8 +260,8 @@ def test_one_process_counts_every_connection_exactly(certs: Certs) -> None:
         assert status(mport, "/nothing") == 404
         exp = Expected()
         run_mix(certs, sup.port, exp)
-        held = hold_until_refused(certs, sup.port, exp, refusals=2)
-        assert len(held) == 2
+        held = hold_until_refused(certs, sup.port, exp, capacity=2, refusals=2)
+        assert exp.refused == 2
         # Open connections count at once: their handshakes and bytes so far.
         samples = scrape(mport)
         assert value(samples, "tlsuv_connections_open") == 2
@@ -289,9 +294,8 @@ def test_workers_sum_and_keep_counts_across_a_killed_worker(certs: Certs) -> Non
         assert status(mport, "/-/ready") == 200
         exp = Expected()
         run_mix(certs, sup.port, exp)
-        # One connection per worker is the limit: two held, then refusals.
-        held = hold_until_refused(certs, sup.port, exp, refusals=2)
-        assert len(held) == 2
+        # One connection per worker is the limit: two held, and refusals.
+        held = hold_until_refused(certs, sup.port, exp, capacity=2, refusals=2)
         for c in held:
             c.close_clean()
             exp.good(c)
@@ -355,3 +359,22 @@ def test_an_embedding_application_registers_the_collector_itself(certs: Certs) -
     assert families["tlsuv_certificate_last_reload_timestamp_seconds"].samples[0].value == 1700000000.0
     server.close()
     loop.run()
+
+
+def test_renegotiations_the_server_starts_are_counted(certs: Certs) -> None:
+    """The library's Connection.renegotiate() (TLS 1.2); counted when the connection ends."""
+    openssl = require_tool("openssl")
+    with ServerThread(certs.server_context(max_version=SSL.TLS1_2_VERSION)) as st, \
+            Interactive([openssl, "s_client", "-connect", f"127.0.0.1:{st.port}", "-brief",
+                         "-CAfile", str(certs.ca_file), "-servername", "localhost"]) as p:
+        p.read_until(GREETING)
+        conn = st.connections[-1]
+        assert st.call(conn.renegotiate)
+        for line in (b"three\n", b"four\n"):
+            p.write(line)
+            p.read_until(line)
+        p.close_stdin()
+        assert p.wait() == 0
+        wait_for(lambda: st.call(lambda: st.server.snapshot().open) == 0, "the connection to end")
+        snap = st.call(st.server.snapshot)
+        assert snap.renegotiations == 1 and snap.handshakes == 1 and snap.closed == {"clean": 1}

@@ -124,7 +124,8 @@ def families(snap: Snapshot, prefix: str = PREFIX) -> list[Metric]:
         counter("received_bytes", "TLS bytes read from clients (PROXY headers included).", snap.bytes_in),
         counter("sent_bytes", "TLS bytes written to clients.", snap.bytes_out),
         counter("session_resumptions", "Handshakes that resumed a TLS session.", snap.resumed),
-        counter("renegotiations", "TLS 1.2 renegotiations.", snap.renegotiations),
+        counter("renegotiations", "TLS 1.2 renegotiations the server started, counted when the "
+                "connection ends.", snap.renegotiations),
         by("tls_versions", "Completed handshakes by negotiated protocol version.", "version", snap.versions),
         by("tls_ciphers", "Completed handshakes by negotiated cipher.", "cipher", snap.ciphers),
         by("alpn_protocols", "Completed handshakes by negotiated ALPN protocol (none: not counted).",
