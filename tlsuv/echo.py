@@ -13,15 +13,20 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import pyuv
 
-from . import _cli, accesslog, metrics, policy, workers
+from . import _cli, accesslog, policy, workers
 from ._uv import format_address
 from .certs import CertificateError, load_bundle, self_signed
 from .connection import Connection, ConnectionOptions
 from .handler import Handler
 from .server import Server, ServerError
+from .stats import certificate_expiry
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 log = logging.getLogger("tlsuv.echo")
 
@@ -73,7 +78,7 @@ def build_parser() -> _cli.ArgumentParser:
     policy.add_arguments(p)  # --alpn, --client-ca, --sni, --tls-min/max, --ciphers, --keylog...
     workers.add_arguments(p)  # --workers, --stats-interval
     _cli.add_proxy_arguments(p)
-    metrics.add_arguments(p)  # --metrics, --access-log
+    _cli.add_observability_arguments(p)  # --metrics, --access-log
     return p
 
 
@@ -88,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         context = policy.build_server_context(server_policy)
     except (CertificateError, policy.PolicyError) as exc:
         _cli.fail(f"python -m tlsuv.echo: error: {exc}")
-    expiry = metrics.certificate_expiry(server_policy)
+    expiry = certificate_expiry(server_policy)
     if args.access_log is not None and args.access_log != "-":
         try:  # here, once, so a bad path is one line and exit 2, not a crash in every worker
             os.close(os.open(args.access_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, accesslog.FILE_MODE))
@@ -119,9 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return workers.run_cli(args, make_server, announce)
     loop = pyuv.Loop()
     server = make_server(loop)
-    endpoint = None
+    endpoint: MetricsServer | None = None
     try:
         if args.metrics is not None:  # first: its error is then the only line
+            # Imported only when asked for: prometheus_client and what it imports
+            # are thousands of objects every cyclic-GC pass would walk.
+            from . import metrics  # noqa: PLC0415
+
             endpoint = metrics.MetricsServer(loop, metrics.registry_for(server), lambda: server.accepting)
             metrics_address = endpoint.listen(*args.metrics)
         host, port = server.listen(args.host, args.port)
@@ -129,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _cli.fail(f"python -m tlsuv.echo: error: {exc}")
     announce(host, port)
     if endpoint is not None:
-        metrics.announce(metrics_address)
+        print(f"tlsuv metrics on http://{format_address(metrics_address)}/metrics", flush=True)
     workers.log_stats_every(loop, server, args.stats_interval)
 
     signals: list[pyuv.Signal] = []

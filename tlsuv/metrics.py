@@ -41,9 +41,7 @@ sending traffic before the listener goes away.  Health (``/-/healthy``) is
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import ipaddress
 import logging
 import selectors
 import socket
@@ -67,7 +65,6 @@ from .server import ServerError
 from .stats import CLOSE_REASONS, HANDSHAKE_BUCKETS, HANDSHAKE_FAILURES, REFUSAL_REASONS, Snapshot
 
 if TYPE_CHECKING:
-    from .policy import ServerPolicy
     from .server import Server
 
 log = logging.getLogger("tlsuv.metrics")
@@ -250,26 +247,6 @@ def respond(request: bytes | bytearray, registry: CollectorRegistry, ready: Call
     if path == "/":
         return response(200, INDEX, head=head)
     return response(404, b"not found\n", head=head)
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` (``:PORT`` alone: loopback).  Raises ValueError."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        raise ValueError(f"expected HOST:PORT: {text!r}")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    host = host or "127.0.0.1"
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"not a port number: {port_text!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port must be 0-65535: {port_text!r}")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"not a numeric IP address: {host!r}") from None
-    return host, port
 
 
 # -- HTTP on a pyuv loop ------------------------------------------------------------------
@@ -503,52 +480,11 @@ class SelectorEndpoint:
             self.sock = None
 
 
-# -- the command line ---------------------------------------------------------------------
-
-
-def _address_argument(text: str) -> tuple[str, int]:
-    try:
-        return parse_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--metrics`` and ``--access-log``."""
-    g = parser.add_argument_group("observability")
-    g.add_argument("--metrics", type=_address_argument, default=None, metavar="HOST:PORT",
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics, and /-/healthy, /-/ready, "
-                        "/healthz (plain HTTP: keep it on loopback or a private network; port 0 picks one)")
-    g.add_argument("--access-log", default=None, metavar="FILE",
-                   help="append one JSON line per connection to FILE when it ends (-: stderr); "
-                        "SIGUSR1 reopens it")
-
-
-def certificate_expiry(policy: ServerPolicy) -> dict[str, float]:
-    """Not-after (epoch seconds) of each certificate ``policy`` serves: ``default`` and each SNI name."""
-    from cryptography import x509  # noqa: PLC0415 - only at start-up and reload
-
-    bundles = {"default": policy.certificate, **policy.sni}
-    out: dict[str, float] = {}
-    for name, bundle in bundles.items():
-        if bundle is not None:
-            cert = x509.load_pem_x509_certificate(bundle.cert_pem)
-            out[name] = cert.not_valid_after_utc.timestamp()
-    return out
-
-
-def announce(address: tuple[str, int]) -> None:
-    print(f"tlsuv metrics on http://{format_address(address)}/metrics", flush=True)
-
-
 __all__ = [
     "MetricsServer",
     "SelectorEndpoint",
     "ServerCollector",
-    "add_arguments",
-    "certificate_expiry",
     "families",
-    "parse_address",
     "registry_for",
     "respond",
 ]

@@ -72,6 +72,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .connection import Connection
+    from .policy import ServerPolicy
 
 # Upper bounds (seconds) of the handshake-duration histogram's buckets.  A
 # handshake costs about a millisecond of CPU, so on loopback or a LAN it lands
@@ -415,3 +416,19 @@ class Stats:
             last_reload_time=self.last_reload_time,
             accepting=accepting,
         )
+
+
+def certificate_expiry(policy: ServerPolicy) -> dict[str, float]:
+    """Not-after (epoch seconds) of each certificate ``policy`` serves: ``default`` and each SNI name.
+
+    For :attr:`Stats.certificates`; whoever loads or reloads certificates sets it.
+    """
+    from cryptography import x509  # noqa: PLC0415 - only at start-up and reload
+
+    bundles = {"default": policy.certificate, **policy.sni}
+    out: dict[str, float] = {}
+    for name, bundle in bundles.items():
+        if bundle is not None:
+            cert = x509.load_pem_x509_certificate(bundle.cert_pem)
+            out[name] = cert.not_valid_after_utc.timestamp()
+    return out
