@@ -23,9 +23,10 @@ from typing import Any
 
 import pytest
 import trustme
-from clients import GREETING, CountingClient
+from clients import CountingClient
 from conftest import Certs
 from cryptography import x509
+from helpers import GREETING
 from test_workers import ECHO, Supervised
 
 FIELDS = {

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 
 import pytest
 import pyuv
-from clients import GREETING, CountingClient
+from clients import CountingClient
 from conftest import Certs, ServerThread
 from cryptography import x509
+from helpers import GREETING
 from OpenSSL import SSL
 from peers import Interactive, require_tool
 from prometheus_client.parser import text_string_to_metric_families

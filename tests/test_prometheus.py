@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clients import GREETING, CountingClient
+from clients import CountingClient
 from conftest import Certs
 from cryptography import x509
+from helpers import GREETING
 from test_metrics import echo_with_metrics
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Final
 import pyuv
 from OpenSSL import SSL
 
-from . import _openssl
+from . import _openssl, _sockopt
 from ._uv import format_address, socket_address, uv_error_text
 from .connection import Connection, ConnectionOptions, Phase
 from .errors import TimeoutError, TransportError
@@ -207,6 +207,10 @@ class _ClientConnection(Connection):
                                    f"{self._connect_error}", errno=error)
             return
         tcp.nodelay(True)  # TLS records are already batched per loop iteration
+        try:
+            _sockopt.configure(tcp, self._options.keepalive, self._options.send_timeout)
+        except (OSError, pyuv.error.UVError) as exc:  # gone already: its first read will say so
+            log.debug("cannot set keepalive/TCP_USER_TIMEOUT: %s", exc)
         self.peer = socket_address(tcp, "getpeername") or self.peer
         self.sockname = socket_address(tcp, "getsockname")
         log.debug("%s: connected", format_address(self.peer))

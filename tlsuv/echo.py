@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pyuv
 
-from . import _cli, accesslog, policy, workers
+from . import _cli, accesslog, activation, policy, upgrade, workers
 from ._uv import format_address
 from .certs import CertificateError, load_bundle, self_signed
 from .connection import Connection, ConnectionOptions
@@ -70,14 +70,17 @@ def build_parser() -> _cli.ArgumentParser:
                    help="close connections with no traffic for this long (default: off)")
     p.add_argument("--close-timeout", type=_cli.positive_float, default=5.0, metavar="SECONDS",
                    help="how long a graceful close waits for the peer (default 5)")
+    _cli.add_dead_peer_arguments(p)  # --keepalive, --send-timeout
     p.add_argument("--max-connections", type=_cli.positive_int, default=None, metavar="N",
                    help="refuse new connections beyond N open ones (default: no limit)")
     p.add_argument("--grace", type=_cli.positive_float, default=5.0, metavar="SECONDS",
-                   help="on SIGINT/SIGTERM, wait this long for connections to close (default 5)")
+                   help="on SIGINT/SIGTERM, keep serving open connections this long, then close them "
+                        "with close_notify (default 5)")
     p.add_argument("--log-level", choices=_cli.LOG_LEVELS, default="info")
     policy.add_arguments(p)  # --alpn, --client-ca, --sni, --tls-min/max, --ciphers, --keylog...
     workers.add_arguments(p)  # --workers, --stats-interval
     _cli.add_proxy_arguments(p)
+    activation.add_arguments(p)  # --listen-fd, --pid-file
     _cli.add_observability_arguments(p)  # --metrics, --access-log
     return p
 
@@ -87,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.cert is None) != (args.key is None):
         _cli.fail("python -m tlsuv.echo: error: --cert and --key go together")
     _cli.setup_logging(args.log_level)
+    try:  # LISTEN_FDS is read (and cleared) before anything else could inherit it
+        inherited = activation.inherited_sockets(args.listen_fd)
+    except activation.ActivationError as exc:
+        _cli.fail(f"python -m tlsuv.echo: error: {exc}")
     try:
         bundle = load_bundle(args.cert, args.key) if args.cert is not None else self_signed()
         server_policy = policy.policy_from_args(args, bundle)
@@ -103,14 +110,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
         close_timeout=args.close_timeout,
+        keepalive=args.keepalive,
+        send_timeout=args.send_timeout,
         allow_client_renegotiation=args.allow_client_renegotiation,
         proxy=_cli.proxy_options(args, "python -m tlsuv.echo"),
     )
 
+    announced: list[tuple[str, int]] = []
+
     def announce(host: str, port: int) -> None:
-        if args.cert is None:
+        if args.cert is None and not announced:
             print(f"self-signed certificate for localhost, 127.0.0.1, ::1; "
                   f"SHA-256 fingerprint {bundle.fingerprint}", flush=True)
+        announced.append((host, port))
         print(f"tlsuv echo server listening on {format_address((host, port))}", flush=True)
 
     def make_server(lp: pyuv.Loop) -> Server:
@@ -121,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return server
 
     if args.workers > 1:  # forks, so before this process makes any loop (tlsuv.workers)
-        return workers.run_cli(args, make_server, announce)
+        return workers.run_cli(args, make_server, announce, sockets=inherited)
+    ready_fd = upgrade.take_ready_fd()  # started by an upgrading tree (auto workers, now one CPU)
     loop = pyuv.Loop()
     server = make_server(loop)
     endpoint: MetricsServer | None = None
@@ -133,12 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             endpoint = metrics.MetricsServer(loop, metrics.registry_for(server), lambda: server.accepting)
             metrics_address = endpoint.listen(*args.metrics)
-        host, port = server.listen(args.host, args.port)
+        if inherited:
+            for sock, _ in inherited:
+                server.listen_socket(sock)
+        else:
+            server.listen(args.host, args.port)
     except ServerError as exc:
         _cli.fail(f"python -m tlsuv.echo: error: {exc}")
-    announce(host, port)
-    if endpoint is not None:
-        print(f"tlsuv metrics on http://{format_address(metrics_address)}/metrics", flush=True)
     workers.log_stats_every(loop, server, args.stats_interval)
 
     signals: list[pyuv.Signal] = []
@@ -152,22 +166,44 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.access_log.close()
 
     def on_signal(handle: pyuv.Signal, signum: int) -> None:
+        if signum == signal.SIGUSR2:  # its default action would kill us, and every connection
+            log.warning("SIGUSR2: upgrades need a supervising parent (--workers 2 or more); ignored")
+            return
         if server.closing:
             log.info("second signal: aborting all connections")
             server.abort()
             return
-        log.info("%s: closing %d connection(s), grace %.1fs",
+        log.info("%s: draining %d connection(s), grace %.1fs",
                  signal.Signals(signum).name, len(server.connections), args.grace)
-        server.close(args.grace, done)
+        server.drain(args.grace, done)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
         h = pyuv.Signal(loop)
         h.start(on_signal, signum)
         signals.append(h)
     reopen = pyuv.Signal(loop)  # logrotate's convention
     reopen.start(lambda h, signum: accesslog.reopen_all(), signal.SIGUSR1)
     signals.append(reopen)
-    loop.run()
+    # Handlers first, announcement after: whoever reads the announcement may signal at once
+    # (SIGUSR2's default action would end the process).
+    if args.pid_file is not None:
+        try:
+            activation.write_pid_file(args.pid_file)
+        except OSError as exc:
+            _cli.fail(f"python -m tlsuv.echo: error: cannot write --pid-file {args.pid_file}: {exc.strerror}")
+    for host, port in server.addresses:
+        announce(host, port)
+    if endpoint is not None:
+        print(f"tlsuv metrics on http://{format_address(metrics_address)}/metrics", flush=True)
+    if ready_fd is not None:
+        upgrade.report_ready(ready_fd)
+    else:
+        activation.notify("READY=1")
+    try:
+        loop.run()
+    finally:
+        if args.pid_file is not None:
+            activation.remove_pid_file(args.pid_file)
     return 0
 
 

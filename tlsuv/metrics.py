@@ -249,6 +249,32 @@ def respond(request: bytes | bytearray, registry: CollectorRegistry, ready: Call
     return response(404, b"not found\n", head=head)
 
 
+# Scrapers and health checkers connect one at a time, a few times a minute.
+BACKLOG: Final = 128
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The endpoint's socket, bound and listening, non-blocking.
+
+    SO_REUSEPORT: during an upgrade (tlsuv.upgrade) the new process tree
+    binds the same metrics address while the old one still serves it; for
+    that moment the kernel spreads scrapes over both.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ServerError(f"cannot serve metrics on {format_address((host, port))}: "
+                          f"{exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock
+
+
 # -- HTTP on a pyuv loop ------------------------------------------------------------------
 
 
@@ -268,12 +294,15 @@ class MetricsServer:
         self.address: tuple[str, int] | None = None
 
     def listen(self, host: str, port: int) -> tuple[str, int]:
+        sock = _listening_socket(host, port)
         tcp = pyuv.TCP(self.loop)
         try:
-            tcp.bind((host, port))
-            tcp.listen(self._on_connection, 128)
+            tcp.open(sock.fileno())
+            sock.detach()  # the handle owns the descriptor now
+            tcp.listen(self._on_connection, BACKLOG)
         except pyuv.error.UVError as exc:
             tcp.close()
+            sock.close()
             raise ServerError(f"cannot serve metrics on {format_address((host, port))}: "
                               f"{uv_error_text(exc)}") from exc
         name = tcp.getsockname()
@@ -355,17 +384,7 @@ class SelectorEndpoint:
         self._clients: dict[socket.socket, tuple[bytearray, bytes | None, float]] = {}
 
     def bind(self, host: str, port: int) -> tuple[str, int]:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-            sock.listen(128)
-        except OSError as exc:
-            sock.close()
-            raise ServerError(f"cannot serve metrics on {format_address((host, port))}: "
-                              f"{exc.strerror or exc}") from exc
-        sock.setblocking(False)
+        sock = _listening_socket(host, port)
         self.sock = sock
         name = sock.getsockname()
         self.address = (str(name[0]), int(name[1]))

@@ -100,6 +100,8 @@ CLOSE_REASONS: Final = (
     "clean",  # None: close_notify both ways, or ours and the peer's EOF
     "truncated",  # TruncationError: EOF without close_notify after the handshake
     "timeout_proxy_header", "timeout_handshake", "timeout_idle", "timeout_close", "timeout_connect",
+    "timeout_send",  # queued data made no progress for --send-timeout (or TCP_USER_TIMEOUT)
+    "timeout_keepalive",  # the peer stopped answering TCP keepalive probes
     "timeout",  # a TimeoutError with a phase of an application's own
     "transport",  # TransportError: reset, broken pipe, ...
     "handler_error",  # HandlerError: a handler callback raised
@@ -125,7 +127,8 @@ HANDSHAKE_FAILURES: Final = (
 )
 
 _TIMEOUT_PHASES: Final = {"proxy header": "timeout_proxy_header", "handshake": "timeout_handshake",
-                          "idle": "timeout_idle", "close": "timeout_close", "connect": "timeout_connect"}
+                          "idle": "timeout_idle", "close": "timeout_close", "connect": "timeout_connect",
+                          "send": "timeout_send", "keepalive": "timeout_keepalive"}
 
 
 def close_reason(reason: BaseException | None) -> str:
