@@ -100,7 +100,12 @@ The traps, and how each is handled
 
 * **Counters outlive workers.**  A worker's last report is folded into the
   parent's totals when it exits, so accepted/failed/bytes in the stats line
-  never go backwards after a restart.
+  never go backwards after a restart.  With ``--metrics`` the report also
+  carries the worker's :class:`~tlsuv.stats.Snapshot`, summed the same way,
+  and the parent serves ``/metrics`` on its selectors loop
+  (:class:`~tlsuv.metrics.SelectorEndpoint`): counts are at most
+  :data:`STATS_PUSH_MAX` old, and those of a worker killed between two
+  reports since its last one are lost with it.
 """
 
 from __future__ import annotations
@@ -1122,6 +1127,7 @@ def run(
     sockets: Sequence[tuple[socket.socket, str]] | None = None,
     pid_file: str | None = None,
     upgrade_timeout: float = upgrade.READY_TIMEOUT,
+    metrics: tuple[str, int] | None = None,
 ) -> int:
     """Serve with ``workers`` processes until SIGTERM/SIGINT; return the exit status.
 
@@ -1135,12 +1141,14 @@ def run(
     systemd, or by the previous tree during an upgrade) when there are any,
     else binds ``host``/``port``; pass a list to choose.  SIGUSR2 upgrades
     (:mod:`tlsuv.upgrade`) by running this program's command line again.
+    ``metrics=(host, port)`` serves the whole server's metrics from the
+    parent (:mod:`tlsuv.metrics`).
     """
     if sockets is None:
         sockets = activation.inherited_sockets()
     sup = Supervisor(setup, host=host, port=port, workers=workers, grace=grace,
                      stats_interval=stats_interval, sockets=sockets, pid_file=pid_file,
-                     upgrade_timeout=upgrade_timeout)
+                     upgrade_timeout=upgrade_timeout, metrics=metrics)
     sup.bind()
 
     def listening() -> None:
