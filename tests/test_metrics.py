@@ -29,6 +29,7 @@ import pyuv
 from clients import CountingClient
 from conftest import Certs, ServerThread
 from cryptography import x509
+from hammer import ServerProcess
 from helpers import GREETING
 from OpenSSL import SSL
 from peers import Interactive, require_tool
@@ -379,3 +380,34 @@ def test_renegotiations_the_server_starts_are_counted(certs: Certs) -> None:
         wait_for(lambda: st.call(lambda: st.server.snapshot().open) == 0, "the connection to end")
         snap = st.call(st.server.snapshot)
         assert snap.renegotiations == 1 and snap.handshakes == 1 and snap.closed == {"clean": 1}
+
+
+def test_an_upgrade_hands_the_metrics_address_to_the_new_tree(certs: Certs) -> None:
+    """SIGUSR2: the new tree binds the same --metrics address while the old one drains."""
+    with socket.socket() as probe:  # a fixed port, so both trees use the same one
+        probe.bind(("127.0.0.1", 0))
+        mport = int(probe.getsockname()[1])
+    srv = ServerProcess([*ECHO, "--port", "0", "--cert", str(certs.cert_file), "--key", str(certs.key_file),
+                         "--workers", "2", "--grace", "1", "--metrics", f"127.0.0.1:{mport}"])
+    try:
+        port = srv.port()
+        srv.wait_for(rf"metrics on http://127\.0\.0\.1:{mport}/metrics", stream="out")
+        c = good_session(certs, port)
+        c.close_clean()
+        wait_for(lambda: value(scrape(mport), "tlsuv_handshakes_completed_total") == 1, "old tree")
+        mark = srv.mark()
+        srv.signal(signal.SIGUSR2)
+        new = int(srv.wait_for(r"upgrade: the new tree \(pid (\d+)\) serves", start=mark).group(1))
+        assert srv.wait() == 0  # the old parent, drained; its endpoint closed with it
+        # Only the new tree answers now, from zero.
+        assert status(mport, "/-/ready") == 200
+        assert value(scrape(mport), "tlsuv_handshakes_completed_total") == 0
+        for _ in range(2):
+            c = good_session(certs, port)
+            c.close_clean()
+        wait_for(lambda: value(scrape(mport), "tlsuv_handshakes_completed_total") == 2, "new tree")
+        os.kill(new, signal.SIGTERM)
+        srv.wait_group_gone()
+        assert not srv.tracebacks(), "\n".join(srv.err)
+    finally:
+        srv.stop()
