@@ -293,6 +293,8 @@ class Connection:
         "_writing_paused",
         "bytes_in",
         "bytes_out",
+        "created_at",
+        "handshake_ms",
         "peer",
         "proxy_header",
         "proxy_peer",
@@ -356,6 +358,11 @@ class Connection:
         self.user_data: Any = None
         self.bytes_in = 0  # ciphertext bytes read from the socket
         self.bytes_out = 0  # ciphertext bytes handed to libuv
+        # For monitoring (tlsuv.stats, tlsuv.accesslog), in the loop's cached
+        # clock (milliseconds; no system call): when the connection was made (the
+        # accept), and how long its handshake took once it completed.
+        self.created_at: int = tcp.loop.now()
+        self.handshake_ms: int | None = None
         self._handler: Handler | None = None
         self._handler = self._call_factory(factory)
 
@@ -446,6 +453,12 @@ class Connection:
     def handshake_completed(self) -> bool:
         """The TLS handshake completed (and stays True if the connection failed later)."""
         return self._tls.handshake_completed
+
+    @property
+    def handshake_seconds(self) -> float | None:
+        """How long the handshake took (from the accept), or None until it completes."""
+        ms = self.handshake_ms
+        return None if ms is None else ms / 1000
 
     @property
     def closed(self) -> bool:
@@ -746,6 +759,7 @@ class Connection:
         return b"" if self._phase is P_FINISHED else result.leftover
 
     def _on_handshake_complete(self) -> None:
+        self.handshake_ms = self._tcp.loop.now() - self.created_at
         if self._phase is P_HANDSHAKING:  # not if close() came first: that close goes on
             self._set_phase(P_OPEN)
         if log.isEnabledFor(logging.DEBUG):  # version and cipher are two pyOpenSSL calls
@@ -1032,7 +1046,7 @@ class Connection:
             # Best effort: a few bytes, and the queue is usually empty.  If the
             # peer is gone or slow the error we report is still the TLS one.
             with contextlib.suppress(pyuv.error.UVError):
-                self._tcp.try_write(alert)
+                self.bytes_out += self._tcp.try_write(alert)
         self._finish(exc)
 
     def _abort(self, reason: BaseException, cause: BaseException | None = None) -> None:

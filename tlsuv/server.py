@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import pyuv
 from OpenSSL import SSL
@@ -49,6 +49,17 @@ from .limits import (
     open_file_limit,
 )
 from .pending import PendingList
+from .stats import (
+    REFUSED_CLOSING,
+    REFUSED_MAX_CONNECTIONS,
+    REFUSED_NOT_ALLOWED,
+    REFUSED_PER_IP,
+    Snapshot,
+    Stats,
+)
+
+if TYPE_CHECKING:
+    from .accesslog import AccessLog
 
 log = logging.getLogger("tlsuv")
 
@@ -128,7 +139,6 @@ class Server:
         # Counters for logs and stats.
         self.accepted = 0
         self.refused = 0  # every refusal, the per-client ones included
-        self.refused_per_ip = 0
         self.accept_pauses = 0  # times accepting stopped for want of file descriptors
         self.handshakes_failed = 0
         # Connections ended by a deadline, by TimeoutError.phase: "handshake",
@@ -137,6 +147,13 @@ class Server:
         # Ciphertext bytes of connections that are gone; add the open ones' for a total.
         self.ended_bytes_in = 0
         self.ended_bytes_out = 0
+        # Monitoring (tlsuv.stats, tlsuv.metrics): refusals by reason (they add up
+        # to ``refused``), each ended connection classified once, and an optional
+        # access log (tlsuv.accesslog) that gets every ended connection.
+        self.refused_by: dict[str, int] = dict.fromkeys(
+            (REFUSED_MAX_CONNECTIONS, REFUSED_PER_IP, REFUSED_NOT_ALLOWED, REFUSED_CLOSING), 0)
+        self.stats = Stats()
+        self.access_log: AccessLog | None = None
 
     # -- listening -----------------------------------------------------------
 
@@ -208,6 +225,20 @@ class Server:
         return self._closing
 
     @property
+    def accepting(self) -> bool:
+        """Listening and not closing: what a readiness check asks."""
+        return not self._closing and any(not listener.closed for listener in self._listeners)
+
+    def snapshot(self) -> Snapshot:
+        """Everything counted so far, open connections included (:mod:`tlsuv.stats`)."""
+        refused = dict(self.refused_by)
+        # A PROXY header error ends an accepted connection: it is counted when that ends.
+        refused["proxy_header"] = self.stats.handshake_failures.get("proxy_header", 0)
+        return self.stats.snapshot(accepted=self.accepted, refused=refused,
+                                   ended_bytes_in=self.ended_bytes_in, ended_bytes_out=self.ended_bytes_out,
+                                   live=self.connections, accepting=self.accepting)
+
+    @property
     def address(self) -> tuple[str, int]:
         """The first address listened on."""
         if self._address is None:
@@ -272,6 +303,7 @@ class Server:
             self.max_connections is not None and len(self.connections) >= self.max_connections
         ):
             self.refused += 1
+            self.refused_by[REFUSED_CLOSING if self._closing else REFUSED_MAX_CONNECTIONS] += 1
             log.info("refusing connection: %s", "server closing" if self._closing else
                      f"limit of {self.max_connections} connections reached")
             tcp.close()
@@ -281,6 +313,7 @@ class Server:
         if self.options.proxy is not None and not self.options.proxy.allows(source):
             # Only trusted balancers may claim a client address (tlsuv.proxy).
             self.refused += 1
+            self.refused_by[REFUSED_NOT_ALLOWED] += 1
             log.warning("refusing connection from %s: not allowed to send a PROXY header",
                         format_address(source))
             tcp.close()
@@ -329,7 +362,7 @@ class Server:
     def _refuse_client(self, client: str) -> None:
         assert self._clients is not None
         self.refused += 1
-        self.refused_per_ip += 1
+        self.refused_by[REFUSED_PER_IP] += 1
         held = self._refusal_log.ready(self.loop.now() / 1000)
         if held is not None:
             more = f" ({held} more refused since the last report)" if held else ""
@@ -431,6 +464,9 @@ class Server:
         reason = conn.reason
         if isinstance(reason, TimeoutError):
             self.timeouts[reason.phase] = self.timeouts.get(reason.phase, 0) + 1
+        self.stats.connection_ended(conn)
+        if self.access_log is not None:
+            self.access_log.connection_ended(conn)
         if self._closing and not self.connections:
             self._all_closed()
 
