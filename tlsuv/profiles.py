@@ -217,9 +217,3 @@ def apply(ctx: SSL.Context, profile: Profile | str, *, server: bool) -> None:
     if server and p.server_preference:
         ctx.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE | OP_PRIORITIZE_CHACHA)
 
-
-def describe(name: str) -> str:
-    """One line for --help and logs: what the profile allows."""
-    p = get(name)
-    versions = f"TLS {p.min_version}+" if p.max_version is None else f"TLS {p.min_version}-{p.max_version}"
-    return f"{p.name}: {versions}, guidelines {p.guideline}"
