@@ -17,8 +17,8 @@ Mozilla (ssl-config.mozilla.org) to TLSRef (data.tlsref.org, with the
 configurator at configurator.tlsref.org) keeping their name and numbering;
 the current version is **6.0**.  6.0 removed the DHE suites from
 intermediate, put the post-quantum hybrid group X25519MLKEM768 first, and
-has no "old" configuration any more -- so tlsuv's "old" is version 5.7's,
-the last one published with it in full.
+has no "old" configuration any more -- so tlsuv's "old" is version 5.7's
+(5.7 is the last release before the rework that led to 6.0).
 
 Decisions, and the traps behind them
 ====================================
