@@ -266,3 +266,36 @@ def drop_bios(conn: SSL.Connection) -> bool:
 def raise_ssl_error(conn: SSL.Connection, result: int) -> None:
     """Raise exactly what pyOpenSSL would for this SSL_read/SSL_write result."""
     conn._raise_ssl_error(conn._ssl, result)
+
+
+# -- Key-exchange groups (tlsuv.profiles) -----------------------------------------
+#
+# pyOpenSSL's public Context.set_tmp_ecdh sets one single curve; a profile
+# needs a list.  SSL_CTX_set1_curves_list is OpenSSL's older name for
+# SSL_CTX_set1_groups_list (same call, same syntax).
+
+_HAVE_GROUPS: Final = _has("SSL_CTX_set1_curves_list", "ERR_clear_error")
+_HAVE_GROUP_NAME: Final = _has("SSL_get0_group_name")
+
+
+def set_groups(ctx: SSL.Context, groups: str) -> bool:
+    """Set ``ctx``'s key-exchange groups (``"X25519:prime256v1"``); False if OpenSSL refused the list.
+
+    OpenSSL refuses the whole list if it does not know one name.  The refusal
+    leaves an entry on OpenSSL's error queue, which is cleared here: pyOpenSSL
+    would otherwise report it from the next unrelated call.
+    """
+    if not _HAVE_GROUPS:
+        return False
+    ok = bool(_lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode("ascii")) == 1)
+    if not ok:
+        _lib.ERR_clear_error()
+    return ok
+
+
+def group_name(conn: SSL.Connection) -> str | None:
+    """The key-exchange group the handshake used (``"X25519MLKEM768"``, ``"x25519"``...), or None."""
+    if not _HAVE_GROUP_NAME:
+        return None
+    name = _lib.SSL_get0_group_name(_ssl_ptr(conn))
+    return None if name == _ffi.NULL else _ffi.string(name).decode("ascii", "replace")
