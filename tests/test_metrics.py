@@ -154,6 +154,7 @@ def run_mix(certs: Certs, port: int, exp: Expected) -> None:
     # A client that hangs up mid-handshake (after its ClientHello).
     c = CountingClient(port, certs.client_ssl_context())
     with contextlib.suppress(ssl.SSLWantReadError):
+        # obj is set for a connected client; typeshed's Optional cannot know that.
         c.obj.do_handshake()  # type: ignore[union-attr]
     c._send_pending()
     c.finish()
@@ -344,6 +345,7 @@ def test_metrics_address_errors_are_one_line() -> None:
 
 def test_an_embedding_application_registers_the_collector_itself(certs: Certs) -> None:
     """The library: ServerCollector(server) in the application's own registry."""
+    # Here, as an application would import it; tlsuv itself imports it only with --metrics.
     from prometheus_client import CollectorRegistry, generate_latest  # noqa: PLC0415
 
     loop = pyuv.Loop()

@@ -68,6 +68,7 @@ def cert_files(certs: Certs, tmp_path: Path) -> CertFiles:
 
 
 def start(argv: list[str], **kwargs: object) -> tuple[ServerProcess, int]:
+    # ServerProcess's keyword arguments, forwarded; ** hides their types.
     srv = ServerProcess(argv, **kwargs)  # type: ignore[arg-type]
     try:
         return srv, srv.port()

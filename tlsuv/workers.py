@@ -397,7 +397,7 @@ class Supervisor:
     def _bind_metrics(self, host: str, port: int) -> None:
         from prometheus_client import CollectorRegistry  # noqa: PLC0415 - only with --metrics
 
-        from .metrics import SelectorEndpoint, ServerCollector  # noqa: PLC0415
+        from .metrics import SelectorEndpoint, ServerCollector  # noqa: PLC0415 - only with --metrics
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(ServerCollector(self.snapshot, extra=self._worker_families))
@@ -417,6 +417,7 @@ class Supervisor:
         return not self._draining and any(w.pid and w.listened for w in self.workers)
 
     def _worker_families(self) -> list[Metric]:
+        # Only with --metrics, like the rest of prometheus_client.
         from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily  # noqa: PLC0415
 
         return [
