@@ -160,6 +160,7 @@ class ServerThread:
     options: tlsuv.ConnectionOptions = field(default_factory=tlsuv.ConnectionOptions)
     host: str = "127.0.0.1"
     max_connections: int | None = None
+    max_connections_per_ip: int | None = None
     grace: float = 5.0
     handlers: list[tlsuv.Handler] = field(default_factory=list)
     connections: list[tlsuv.Connection] = field(default_factory=list)
@@ -167,7 +168,8 @@ class ServerThread:
     def __post_init__(self) -> None:
         self.loop = CheckedLoop()
         self.server = tlsuv.Server(self.loop, self.context, self._factory, options=self.options,
-                                   max_connections=self.max_connections)
+                                   max_connections=self.max_connections,
+                                   max_connections_per_ip=self.max_connections_per_ip)
         self.address = self.server.listen(self.host, 0)
         self.port = self.address[1]
         self._calls: list[tuple[Callable[[], Any], list[Any], threading.Event]] = []

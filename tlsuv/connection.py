@@ -275,6 +275,7 @@ class Connection:
         "_held",
         "_in_read",
         "_last_activity",
+        "_on_finish",
         "_on_gone",
         "_on_proxy_header",
         "_options",
@@ -313,6 +314,7 @@ class Connection:
         on_gone: Callable[[Connection], None] | None = None,
         server_side: bool = True,
         on_proxy_header: Callable[[Connection], BaseException | None] | None = None,
+        on_finish: Callable[[Connection], None] | None = None,
         server_hostname: str | None = None,
     ) -> None:
         self._tcp = tcp
@@ -321,6 +323,10 @@ class Connection:
         self._options = options
         self._on_gone = on_gone
         self._on_proxy_header = on_proxy_header  # the server's per-client limits (tlsuv.limits)
+        # Called as the connection finishes (its socket closed at once), before
+        # on_gone (libuv's close callback, at the end of the loop iteration): a
+        # server at its connection limit must not count a connection that ended.
+        self._on_finish = on_finish
         self._tls = TLSEngine(
             context,
             server_side=server_side,
@@ -1061,6 +1067,9 @@ class Connection:
             return
         self._set_phase(P_FINISHED)
         self._reason = reason
+        on_finish, self._on_finish = self._on_finish, None
+        if on_finish is not None:
+            on_finish(self)
         self._pending.forget(self)
         if self._send_timer is not None:
             self._stop_send_timer()

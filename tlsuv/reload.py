@@ -235,7 +235,8 @@ class Reloader:
     def _publish(self, stats: Stats) -> None:
         stats.reloads_ok = self.reloads_ok
         stats.reloads_failed = self.reloads_failed
-        stats.last_reload_time = self.last_reload
+        # The metric's promise: the time of the last good *reload* (0 until there is one).
+        stats.last_reload_time = self.last_reload if self.reloads_ok else 0.0
         policy = self.contexts.policy
         stats.certificates = certificate_expiry(policy) if policy is not None else {}
 

@@ -111,6 +111,11 @@ class Server:
         # Shared by every connection: a bound method made per accept would
         # cost each one ~64 bytes for its whole life.
         self._gone = self._connection_gone
+        self._finished = self._connection_finished
+        # Connections that finished (socket closed) but whose close callback has
+        # not run yet: they are still in ``connections`` until the end of this
+        # loop iteration, but no longer count against the limits.
+        self._ending = 0
         # Connections accepted on one listener share their local address;
         # one tuple for all of them instead of one each (~150 bytes).
         self._sockname: tuple[str, int] | None = None
@@ -300,7 +305,8 @@ class Server:
             tcp.close()
             return
         if self._closing or (
-            self.max_connections is not None and len(self.connections) >= self.max_connections
+            self.max_connections is not None
+            and len(self.connections) - self._ending >= self.max_connections
         ):
             self.refused += 1
             self.refused_by[REFUSED_CLOSING if self._closing else REFUSED_MAX_CONNECTIONS] += 1
@@ -331,10 +337,14 @@ class Server:
             self._configure(tcp)
         per_client = proxied and self._clients is not None  # counted once the header names the client
         conn = Connection(tcp, self.context, self.handler_factory, pending=self.pending,
-                          options=self.options, on_gone=self._gone,
+                          options=self.options, on_gone=self._gone, on_finish=self._finished,
                           on_proxy_header=self._admit_proxied if per_client else None)
         if client is not None:
-            self._client_of[conn] = client
+            if conn.closed:  # its handler factory failed: it finished before we could file it
+                assert self._clients is not None
+                self._clients.release(client)
+            else:
+                self._client_of[conn] = client
         if conn.sockname == self._sockname:
             conn.sockname = self._sockname
         else:
@@ -449,12 +459,16 @@ class Server:
         except (OSError, pyuv.error.UVError) as exc:  # gone already: its first read will say so
             log.debug("cannot set keepalive/TCP_USER_TIMEOUT: %s", exc)
 
-    def _connection_gone(self, conn: Connection) -> None:
-        self.connections.discard(conn)
+    def _connection_finished(self, conn: Connection) -> None:
+        self._ending += 1
         if self._client_of:
             client = self._client_of.pop(conn, None)
             if client is not None and self._clients is not None:
                 self._clients.release(client)
+
+    def _connection_gone(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self._ending -= 1
         if self._accept_paused_at is not None and not self._closing:
             self._retry_accept_in(0.0)  # its descriptor is free now
         self.ended_bytes_in += conn.bytes_in
