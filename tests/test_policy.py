@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import Certs, CheckedLoop, ServerThread, TLSFiles, recv_exactly
 from cryptography import x509
-from helpers import GREETING
+from helpers import GREETING, wait_until
 from OpenSSL import SSL
 from peers import ClientRecorder, Interactive, echo_cli, require_tool, run_loop
 
@@ -486,9 +486,11 @@ def test_server_initiated_renegotiation_with_s_client(certs: Certs) -> None:
         p.read_until(GREETING)
         conn = st.connections[-1]
         assert st.call(conn.renegotiate)
-        for line in (b"three\n", b"four\n"):
-            p.write(line)
-            p.read_until(line)
+        p.write(b"three\n")  # s_client answers the HelloRequest when it next reads
+        p.read_until(b"three\n")
+        wait_until(lambda: not st.call(conn.ssl.renegotiate_pending), what="the renegotiation to complete")
+        p.write(b"four\n")  # and data flows on the renegotiated session
+        p.read_until(b"four\n")
         assert st.call(lambda: conn.renegotiations) == 1
         p.close_stdin()
         assert p.wait() == 0
