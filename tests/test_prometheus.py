@@ -8,7 +8,6 @@ it) makes that a failure.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -25,7 +24,7 @@ import pytest
 from clients import CountingClient
 from conftest import Certs
 from cryptography import x509
-from helpers import GREETING
+from helpers import GREETING, unavailable
 from test_metrics import echo_with_metrics
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
@@ -34,9 +33,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
 def prometheus_binary() -> str:
     path = shutil.which("prometheus")
     if path is None:
-        if os.environ.get("TLSUV_REQUIRE_PROMETHEUS") == "1":
-            pytest.fail("prometheus is not installed (apt-get install prometheus)")
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+        unavailable("prometheus is not installed (apt-get install prometheus)", "TLSUV_REQUIRE_PROMETHEUS")
     return path
 
 

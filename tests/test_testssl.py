@@ -36,6 +36,7 @@ from typing import Any
 
 import pytest
 import trustme
+from helpers import unavailable
 from peers import Interactive, echo_cli
 
 from tlsuv import profiles
@@ -100,10 +101,7 @@ SCAN_TIMEOUT = 300
 def _testssl_installed() -> None:
     if TESTSSL is not None:
         return
-    message = f"testssl.sh is not installed (Debian/Ubuntu, as root: {INSTALL})"
-    if os.environ.get("TLSUV_REQUIRE_TESTSSL") == "1":  # .ci/run installed it: missing is a failure
-        pytest.fail(message)
-    pytest.skip(message)
+    unavailable(f"testssl.sh is not installed (Debian/Ubuntu, as root: {INSTALL})", "TLSUV_REQUIRE_TESTSSL")
 
 
 @dataclass
