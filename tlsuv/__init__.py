@@ -4,12 +4,15 @@ The public surface::
 
     Server, Connection, ConnectionOptions, Handler, TLSEngine,
     self_signed, server_context, load_bundle, ServerPolicy, build_server_context,
-    ProxyOptions, and the errors.
+    ProxyOptions, and the errors;
+    speedups_active() and data_path(): whether the compiled data path
+    (tlsuv._speedups) runs, or the pure-Python one, and why.
 
 The client lives in :mod:`tlsuv.client` (``tlsuv.client.connect``); it is not
 imported here so that ``python -m tlsuv.client`` runs without a double import.
 """
 
+from ._openssl import data_path, speedups_active
 from .certs import CertificateBundle, CertificateError, load_bundle, self_signed, server_context
 from .connection import Connection, ConnectionOptions
 from .errors import (
@@ -58,7 +61,9 @@ __all__ = [
     "TransportError",
     "TruncationError",
     "build_server_context",
+    "data_path",
     "load_bundle",
     "self_signed",
     "server_context",
+    "speedups_active",
 ]
