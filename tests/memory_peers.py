@@ -92,7 +92,7 @@ def pump(engine: TLSEngine, peer: PlainPeer, sizes: ChunkSizes = whole, rounds: 
                 if on_plain is not None:
                     on_plain(plain)
             moved = True
-        if not moved and not engine.has_deferred:
+        if not moved and not engine.deferred:
             return
         if not moved:
             peer.kick()

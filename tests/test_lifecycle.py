@@ -427,10 +427,10 @@ def test_idle_connections_give_back_their_bios_and_keep_working(certs: Certs) ->
     with server_thread(certs.server_context()) as st, st.connect(certs) as s:
         assert recv_exactly(s, 4) == GREETING
         (conn,) = st.connections
-        tls = conn._tls
+        tls = conn.tls
         assert st.call(lambda: tls.wants_compaction), "the handshake asks for a compaction"
         st.wait_for(lambda: not tls.wants_compaction, timeout=5)  # compacted after ~1 s idle
-        assert st.call(lambda: (tls._rbio, tls._bio)) == (None, None)
+        assert st.call(lambda: tls.detached)
         # A bulk transfer brings them back and grows them; the echo is intact.
         big = os.urandom(3 * 1024 * 1024)
         s.sendall(big[:65536])
@@ -438,12 +438,12 @@ def test_idle_connections_give_back_their_bios_and_keep_working(certs: Certs) ->
         s.sendall(big[65536:])
         assert recv_exactly(s, len(big) - 65536) == big[65536:]
         st.wait_for(lambda: not tls.wants_compaction, timeout=5)
-        assert st.call(lambda: tls._rbio) is None
+        assert st.call(lambda: tls.detached)
         s.sendall(b"after compaction")
         assert recv_exactly(s, 16) == b"after compaction"
         # Idle again: given back again, and a graceful close still sends close_notify.
         st.wait_for(lambda: not tls.wants_compaction, timeout=5)
-        assert st.call(lambda: tls._rbio) is None
+        assert st.call(lambda: tls.detached)
         st.call(conn.close)
         assert s.recv(1) == b"", "the client sees close_notify, not a reset"
         st.wait_for(lambda: conn.closed)

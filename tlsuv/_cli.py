@@ -1,4 +1,4 @@
-"""What the command-line tools share: one-line errors, exit code 2, logging set-up."""
+"""What the command-line tools share: one-line errors, exit code 2, logging set-up, the PROXY flags."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 from typing import NoReturn
+
+from .proxy import DEFAULT_TIMEOUT, LOOPBACK, IPNetwork, ProxyOptions, parse_networks
 
 # The conventional exit code for "you called me wrong" (argparse, BSD sysexits' EX_USAGE is 64
 # but shells and argparse users expect 2).
@@ -62,4 +64,41 @@ def setup_logging(level: str) -> None:
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+    )
+
+
+# -- PROXY protocol (tlsuv.proxy) ------------------------------------------------
+
+
+def _networks(text: str) -> tuple[IPNetwork, ...]:
+    try:
+        return parse_networks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--proxy-protocol``, ``--proxy-from`` and ``--proxy-timeout``."""
+    g = parser.add_argument_group("behind a load balancer")
+    g.add_argument("--proxy-protocol", action="store_true",
+                   help="every connection starts with a PROXY protocol v1/v2 header (behind HAProxy "
+                        "or another L4 balancer); the handler sees the client's address")
+    g.add_argument("--proxy-from", type=_networks, default=None, metavar="CIDR[,CIDR]",
+                   help="balancers allowed to send the header (default 127.0.0.0/8,::1); "
+                        "others are refused")
+    g.add_argument("--proxy-timeout", type=positive_float, default=None, metavar="SECONDS",
+                   help=f"drop a connection whose header is not complete by then "
+                        f"(default {DEFAULT_TIMEOUT:g})")
+
+
+def proxy_options(args: argparse.Namespace, prog: str) -> ProxyOptions | None:
+    """The :class:`ProxyOptions` the flags ask for (None without ``--proxy-protocol``)."""
+    if not args.proxy_protocol:
+        for flag, value in (("--proxy-from", args.proxy_from), ("--proxy-timeout", args.proxy_timeout)):
+            if value is not None:
+                fail(f"{prog}: error: {flag} needs --proxy-protocol")
+        return None
+    return ProxyOptions(
+        allow_from=args.proxy_from if args.proxy_from is not None else LOOPBACK,
+        timeout=args.proxy_timeout if args.proxy_timeout is not None else DEFAULT_TIMEOUT,
     )

@@ -189,8 +189,8 @@ def _memory_bio_connection(conn: SSL.Connection) -> bool:
     return _HAVE_SET_BIO and hasattr(conn, "_into_ssl") and getattr(conn, "_socket", None) is None
 
 
-def fresh_bios(conn: SSL.Connection) -> tuple[Any, Any] | None:
-    """Give a memory-BIO connection two new, empty BIOs; return ``(incoming, outgoing)``.
+def fresh_bios(conn: SSL.Connection) -> bool:
+    """Give a memory-BIO connection two new, empty BIOs.  False if it has none or memory ran out.
 
     SSL_set_bio frees the old pair, if any (the SSL owns its BIOs), and tells
     the record layer; pyOpenSSL's own references are updated so its methods
@@ -198,18 +198,18 @@ def fresh_bios(conn: SSL.Connection) -> tuple[Any, Any] | None:
     they held is lost.
     """
     if not _memory_bio_connection(conn):
-        return None
+        return False
     rbio = _lib.BIO_new(_lib.BIO_s_mem())
     wbio = _lib.BIO_new(_lib.BIO_s_mem())
     if _ffi.NULL in (rbio, wbio):  # pragma: no cover - out of memory
         for b in (rbio, wbio):
             if b != _ffi.NULL:
                 _lib.BIO_free(b)
-        return None
+        return False
     _lib.SSL_set_bio(_ssl_ptr(conn), rbio, wbio)
     conn._into_ssl = rbio
     conn._from_ssl = wbio
-    return rbio, wbio
+    return True
 
 
 def drop_bios(conn: SSL.Connection) -> bool:

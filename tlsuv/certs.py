@@ -21,8 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
-from .errors import TLSUVError
-from .tls import describe_openssl_error
+from .errors import TLSUVError, describe_openssl_error
 
 # Long enough for any test or demo session, short enough that a leaked
 # throw-away certificate is worthless soon.
@@ -88,10 +87,11 @@ def self_signed(names: tuple[str, ...] = DEFAULT_NAMES) -> CertificateBundle:
 
 def load_bundle(cert_file: str | Path, key_file: str | Path) -> CertificateBundle:
     """Read a PEM certificate (chain) and key, with one-line errors."""
-    return CertificateBundle(_read(cert_file, "certificate"), _read(key_file, "key"))
+    return CertificateBundle(read_file(cert_file, "certificate"), read_file(key_file, "key"))
 
 
-def _read(path: str | Path, what: str) -> bytes:
+def read_file(path: str | Path, what: str) -> bytes:
+    """A PEM file's bytes; a missing or unreadable file is a one-line :class:`CertificateError`."""
     try:
         return Path(path).read_bytes()
     except FileNotFoundError as exc:

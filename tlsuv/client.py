@@ -58,10 +58,12 @@ import pyuv
 from OpenSSL import SSL
 
 from . import _openssl
-from .connection import Connection, ConnectionOptions, _address, _fmt
+from ._uv import format_address, socket_address, uv_error_text
+from .connection import Connection, ConnectionOptions, Phase
 from .errors import TimeoutError, TransportError
 from .pending import PendingList
 from .policy import build_client_context
+from .tls import State
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -128,38 +130,33 @@ def pending_list_users(loop: pyuv.Loop) -> int:
 
 
 class _ClientConnection(Connection):
-    """A Connection whose TCP handle connects after construction, trying each address in turn."""
+    """A Connection whose TCP handle connects after construction, trying each address in turn.
 
-    __slots__ = ("_addresses", "_connect_error", "_connected", "_session_key", "_target")
+    It starts in :attr:`Phase.CONNECTING <tlsuv.connection.Phase>`, where the
+    connection neither flushes nor reads; :meth:`Connection._start` moves it
+    to the handshake once a connect succeeds.
+    """
+
+    __slots__ = ("_addresses", "_connect_error", "_session_key", "_target")
 
     def __init__(self, tcp: pyuv.TCP, context: SSL.Context, factory: HandlerFactory, *,
                  target: tuple[str, int], **kwargs: Any) -> None:
         # Set before Connection.__init__: it calls the handler factory, which may write.
-        self._connected = False
         self._target = target
         self._addresses: list[tuple[Any, ...]] = []
         self._connect_error: str | None = None
         self._session_key: tuple[str, int] | None = None  # where Client files this session
         super().__init__(tcp, context, factory, server_side=False, **kwargs)
 
-    # Nothing touches the socket before it is connected.
-    def _after_io(self) -> None:
-        if self._connected:
-            super()._after_io()
-
-    def _update_reading(self) -> None:
-        if self._connected:
-            super()._update_reading()
-
     def _begin(self, timeout: float | None) -> None:
-        if self._finished:
+        if self.closed:
             return
         if timeout is not None:
             # libuv's clock is cached per loop iteration; connect() may come
             # long after the last one (before loop.run()), which would cut the
             # timeout short.
             self._tcp.loop.update_time()
-            self._arm_timer("connect", timeout)
+            self._arm_timer(timeout)  # the CONNECTING phase's deadline
         host, port = self._target
         if _openssl.is_ip_address(host):
             self._addresses = [(host, port)]
@@ -169,14 +166,14 @@ class _ClientConnection(Connection):
             pyuv.dns.getaddrinfo(self._tcp.loop, host, port, socktype=socket.SOCK_STREAM,
                                  callback=self._on_resolved)
         except (pyuv.error.UVError, TypeError, ValueError, OverflowError) as exc:
-            self._fail_connect(f"cannot resolve {host}: {exc.args[-1] if exc.args else exc}", exc)
+            self._fail_connect(f"cannot resolve {host}: {uv_error_text(exc)}", exc)
 
     def _on_resolved(self, result: list[Any] | None, error: int | None) -> None:
-        if self._finished:
+        if self.closed:
             return
         host = self._target[0]
         if error is not None or not result:
-            text = pyuv.errno.strerror(error) if error is not None else "no address"
+            text = uv_error_text(error) if error is not None else "no address"
             self._fail_connect(f"cannot resolve {host}: {text}", errno=error)
             return
         self._addresses = [tuple(r.sockaddr) for r in result]
@@ -194,48 +191,35 @@ class _ClientConnection(Connection):
                 self._tcp.connect(addr, self._on_connect)
                 return
             except pyuv.error.UVError as exc:
-                self._connect_error = _uv_text(exc)
-        host, port = self._target
-        self._fail_connect(f"cannot connect to {_fmt((host, port))}: {self._connect_error}")
+                self._connect_error = uv_error_text(exc)
+        self._fail_connect(f"cannot connect to {format_address(self._target)}: {self._connect_error}")
 
     def _on_connect(self, tcp: pyuv.TCP, error: int | None) -> None:
-        if self._finished or tcp is not self._tcp:
+        if self.closed or tcp is not self._tcp:
             return
         if error is not None:
-            self._connect_error = pyuv.errno.strerror(error)
-            log.debug("connect to %s failed: %s", _fmt(self.peer), self._connect_error)
+            self._connect_error = uv_error_text(error)
+            log.debug("connect to %s failed: %s", format_address(self.peer), self._connect_error)
             if self._addresses:
                 self._try_next()
             else:
-                host, port = self._target
-                self._fail_connect(f"cannot connect to {_fmt((host, port))}: {self._connect_error}",
-                                   errno=error)
+                self._fail_connect(f"cannot connect to {format_address(self._target)}: "
+                                   f"{self._connect_error}", errno=error)
             return
-        self._connected = True
         tcp.nodelay(True)  # TLS records are already batched per loop iteration
-        self.peer = _address(tcp, "getpeername") or self.peer
-        self.sockname = _address(tcp, "getsockname")
-        if self._timer_phase == "connect":
-            self._stop_timer()
-        log.debug("%s: connected", _fmt(self.peer))
+        self.peer = socket_address(tcp, "getpeername") or self.peer
+        self.sockname = socket_address(tcp, "getsockname")
+        log.debug("%s: connected", format_address(self.peer))
         self._start()
 
     def _fail_connect(self, message: str, cause: BaseException | None = None,
                       errno: int | None = None) -> None:
         self._abort(TransportError(message, errno=errno), cause=cause)
 
-    def _on_timer(self, timer: pyuv.Timer) -> None:
-        if self._timer_phase == "connect" and not self._finished:
-            host, port = self._target
-            self._timer_phase = ""
-            self._abort(TimeoutError(f"connect to {_fmt((host, port))} timed out", phase="connect"))
-            return
-        super()._on_timer(timer)
-
-
-def _uv_text(exc: pyuv.error.UVError) -> str:
-    errno = exc.args[0] if exc.args else None
-    return pyuv.errno.strerror(errno) if isinstance(errno, int) else str(exc)
+    def _timeout_error(self, phase: Phase) -> TimeoutError:
+        if phase is Phase.CONNECTING:
+            return TimeoutError(f"connect to {format_address(self._target)} timed out", phase="connect")
+        return super()._timeout_error(phase)
 
 
 # -- the public API ---------------------------------------------------------------
@@ -336,7 +320,9 @@ class Client:
         self.connections.discard(conn)
         _release_pending(self.loop)
         key = conn._session_key if isinstance(conn, _ClientConnection) else None
-        if not self.resume_sessions or not conn.established or key is None:
+        # Only a session whose handshake completed and whose TLS never failed is worth resuming.
+        if not self.resume_sessions or key is None or not conn.handshake_completed \
+                or conn.state is State.FAILED:
             return
         session = conn.ssl.get_session()
         if session is None:

@@ -158,13 +158,12 @@ class StdinPump:
                 self._on_eof()
 
 
-class Session(Handler):
+class StdioHandler(Handler):
     """The one connection: stdin to it once TLS is up, its bytes to stdout."""
 
     def __init__(self, loop: pyuv.Loop, out: Callable[[bytes], None]) -> None:
         self.out = out
         self.reason: BaseException | None = None
-        self.finished = False
         self.stdout_gone = False
         self.signal: int | None = None
         self.conn: Connection | None = None
@@ -198,7 +197,6 @@ class Session(Handler):
         self.pump.resume()
 
     def closed(self, conn: Connection, reason: BaseException | None) -> None:
-        self.finished = True
         self.reason = reason
         self.release()
 
@@ -281,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             connect_timeout=args.connect_timeout, resume_sessions=False)
     except (CertificateError, policy.PolicyError) as exc:
         _cli.fail(f"{PROG}: error: {exc}")
-    session = Session(loop, _write_stdout)
+    session = StdioHandler(loop, _write_stdout)
     try:
         session.conn = client.connect(host, port, lambda conn: session, server_hostname=args.servername)
     except ValueError as exc:  # a name that cannot be a host name

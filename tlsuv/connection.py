@@ -17,6 +17,53 @@ data path is the seed's:
   for all of it, without the trip through the pending list.  Deferred
   writes, closes and paused writers always take the after_io pass.
 
+The lifecycle
+=============
+
+A connection moves forward through these phases and never back
+(:class:`Phase`; ``_set_phase`` is the one guard, ``_NEXT`` the one table).
+The TLS engine has its own, finer states (:class:`~tlsuv.tls.State`); a phase
+is what the *connection* is doing with its socket, its timer and its handler::
+
+    CONNECTING ---(connected)----+                       (client only)
+    PROXY_HEADER -(header read)--+--> HANDSHAKING --(handshake done)--> OPEN
+                                       |                                  |
+            close() with writes queued +--> CLOSING <--- close(), or the -+
+                                              |         peer's close_notify
+                         close_notify queued  v
+                                           SHUTDOWN --(on the wire; TCP FIN sent)--> HALF_CLOSED
+    any phase --(EOF, an error, a timeout, abort(), the end of a graceful close)--> FINISHED
+
+=============  =======================================  ==========================  ==============
+phase          what moves it on                          handler callbacks that run  deadline
+=============  =======================================  ==========================  ==============
+CONNECTING     the connect succeeds (tlsuv.client)      none (``closed`` on failure) ``connect``
+PROXY_HEADER   the PROXY header is complete             ``established`` as it ends   ``proxy header``
+HANDSHAKING    OpenSSL finishes the handshake           ``established`` (first),     ``handshake``
+                                                        ``handshake_complete`` (last),
+                                                        ``pause_writing``
+OPEN           ``close()``, the peer's close_notify     ``read``, ``pause_writing``, ``idle``
+                                                        ``resume_writing``
+CLOSING        deferred writes done, close_notify       ``read``, ``resume_writing``, ``close``
+               queued                                   ``handshake_complete``
+SHUTDOWN       close_notify reached the kernel          ``read`` only after          ``close``
+                                                        ``write_eof()``
+HALF_CLOSED    the peer's close_notify or EOF           as SHUTDOWN                  ``close``
+FINISHED       --                                       ``closed``, exactly once,   none
+                                                        from libuv's close callback
+=============  =======================================  ==========================  ==============
+
+The deadline column is the connection's one timer: entering a phase arms
+that phase's deadline (if the options set one) or stops the timer, so the
+timer's meaning is always the current phase.  Its name is the ``phase`` of
+the :class:`~tlsuv.errors.TimeoutError` when it passes.  ``close()`` before
+the handshake can run (CONNECTING, PROXY_HEADER) with writes queued is kept
+as a request and applied when the handshake starts.
+
+Flow control is a second, independent dimension, not a phase: the writer
+may be paused (``writing_paused``: more than the high-water mark queued) and
+the handler may pause reading, in any phase before FINISHED.
+
 What the seed left out, and this module adds:
 
 * **Exactly one ending.**  EOF, a libuv error, an OpenSSL error, a timeout, a
@@ -31,8 +78,6 @@ What the seed left out, and this module adds:
   never answer (common with TLS 1.3) cost a timer, not a leak.
 * **Alerts reach the peer.**  On a fatal TLS error the alert OpenSSL wrote is
   flushed before the socket closes.
-* **Deadlines.**  One timer per connection serves the handshake, idle and
-  close deadlines in turn; it is closed with the connection.
 * **Flow control.**  Everything queued for the peer (deferred plaintext, TLS
   output not yet flushed, libuv's write queue) is compared with high and low
   water marks; the handler is told to pause and resume writing, and may
@@ -42,16 +87,17 @@ What the seed left out, and this module adds:
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
-import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import pyuv
 from OpenSSL import SSL
 
 from . import _openssl
+from ._uv import format_address, socket_address, uv_error_text
 from .errors import (
     ConnectionClosedError,
     HandlerError,
@@ -75,6 +121,63 @@ log = logging.getLogger("tlsuv")
 
 _os_write = os.write
 _EOF = pyuv.errno.UV_EOF
+
+
+class Phase(enum.IntEnum):
+    """Where a :class:`Connection` is in its life (see the table at the top of this module).
+
+    An ``IntEnum`` because the lifecycle only moves forward: ``phase >= CLOSING``
+    reads as "closing or later", and int comparison is cheap on the data path.
+    """
+
+    CONNECTING = 0
+    PROXY_HEADER = 1
+    HANDSHAKING = 2
+    OPEN = 3
+    CLOSING = 4
+    SHUTDOWN = 5
+    HALF_CLOSED = 6
+    FINISHED = 7
+
+
+# Module constants for the data path: on Python 3.11 ``Phase.X`` goes through
+# EnumType.__getattr__ (~75 ns a lookup), a global is one dict lookup.
+P_CONNECTING: Final = Phase.CONNECTING
+P_PROXY_HEADER: Final = Phase.PROXY_HEADER
+P_HANDSHAKING: Final = Phase.HANDSHAKING
+P_OPEN: Final = Phase.OPEN
+P_CLOSING: Final = Phase.CLOSING
+P_SHUTDOWN: Final = Phase.SHUTDOWN
+P_HALF_CLOSED: Final = Phase.HALF_CLOSED
+P_FINISHED: Final = Phase.FINISHED
+
+# The one table of allowed moves.  Every phase may end (FINISHED).
+_NEXT: Final[dict[Phase, frozenset[Phase]]] = {
+    P_CONNECTING: frozenset({P_HANDSHAKING, P_FINISHED}),
+    P_PROXY_HEADER: frozenset({P_HANDSHAKING, P_FINISHED}),
+    P_HANDSHAKING: frozenset({P_OPEN, P_CLOSING, P_FINISHED}),
+    P_OPEN: frozenset({P_CLOSING, P_FINISHED}),
+    P_CLOSING: frozenset({P_SHUTDOWN, P_FINISHED}),
+    P_SHUTDOWN: frozenset({P_HALF_CLOSED, P_FINISHED}),
+    P_HALF_CLOSED: frozenset({P_FINISHED}),
+    P_FINISHED: frozenset(),
+}
+
+# Each phase's deadline, by the name TimeoutError.phase reports.  The three
+# closing phases share one deadline: the close timer runs on across them.
+DEADLINES: Final[dict[Phase, str]] = {
+    P_CONNECTING: "connect",
+    P_PROXY_HEADER: "proxy header",
+    P_HANDSHAKING: "handshake",
+    P_OPEN: "idle",
+    P_CLOSING: "close",
+    P_SHUTDOWN: "close",
+    P_HALF_CLOSED: "close",
+}
+
+
+class InvalidPhaseTransition(RuntimeError):
+    """A bug in tlsuv: a connection was asked to make a move its lifecycle does not have."""
 
 
 @dataclass(frozen=True)
@@ -109,14 +212,19 @@ class ConnectionOptions:
 
 
 class Connection:
-    """A TLS connection.  Made by :class:`~tlsuv.Server`; handed to the handler."""
+    """A TLS connection.  Made by :class:`~tlsuv.Server` (or :mod:`tlsuv.client`); handed to the handler.
+
+    For subclasses (the client's connecting connection) the protected
+    surface is: ``_tcp`` (the handle, replaced while connecting), ``_phase``,
+    ``_start()`` (the socket is connected: begin), ``_arm_timer()``,
+    ``_abort()`` and ``_timeout_error()``.
+    """
 
     __slots__ = (
         "__weakref__",
-        "_closing",
+        "_close_requested",
         "_compact_queued",
         "_fd",
-        "_finished",
         "_handler",
         "_held",
         "_in_read",
@@ -124,16 +232,14 @@ class Connection:
         "_on_gone",
         "_options",
         "_pending",
+        "_phase",
         "_proxy",
         "_reading",
         "_reading_paused",
         "_reason",
         "_tcp",
-        "_tcp_shutdown_started",
         "_timer",
-        "_timer_phase",
         "_tls",
-        "_tls_shutdown_done",
         "_unflushed",
         "_writing_paused",
         "bytes_in",
@@ -168,11 +274,18 @@ class Connection:
             server_hostname=server_hostname,
             allow_client_renegotiation=options.allow_client_renegotiation,
         )
-        self._timer: pyuv.Timer | None = None
-        self._timer_phase = ""
-        self._last_activity = 0.0
-        self._closing = False  # close() was called: finish writes, then close_notify
-        self._finished = False  # _finish ran: handles are closing, nothing more happens
+        # Behind a balancer: bytes go to this parser until the header is complete;
+        # then peer/sockname become the client's and proxy_peer keeps the balancer's.
+        self._proxy = ProxyParser() if options.proxy is not None and server_side else None
+        if not server_side:
+            self._phase = P_CONNECTING
+        elif self._proxy is not None:
+            self._phase = P_PROXY_HEADER
+        else:
+            self._phase = P_HANDSHAKING
+        self._timer: pyuv.Timer | None = None  # the current phase's deadline (DEADLINES)
+        self._last_activity = 0.0  # loop time of the last byte in or out, for the idle deadline
+        self._close_requested = False  # close() before the handshake could start
         self._reason: BaseException | None = None
         self._unflushed = 0  # plaintext handed to OpenSSL since the last flush
         self._writing_paused = False
@@ -182,13 +295,8 @@ class Connection:
         self._in_read = False  # inside _on_read: writes are flushed when it returns
         # Plaintext read while the handler paused reading; made when first needed.
         self._held: list[bytes] | None = None
-        self._tls_shutdown_done = False
-        self._tcp_shutdown_started = False
-        self.peer = _address(tcp, "getpeername")
-        self.sockname = _address(tcp, "getsockname")
-        # Behind a balancer: bytes go to this parser until the header is complete;
-        # then peer/sockname become the client's and proxy_peer keeps the balancer's.
-        self._proxy = ProxyParser() if options.proxy is not None and server_side else None
+        self.peer = socket_address(tcp, "getpeername")
+        self.sockname = socket_address(tcp, "getsockname")
         self.proxy_header: ProxyHeader | None = None
         self.proxy_peer: tuple[str, int] | None = None
         self.user_data: Any = None
@@ -197,35 +305,79 @@ class Connection:
         self._handler: Handler | None = None
         self._handler = self._call_factory(factory)
 
-    # -- start -------------------------------------------------------------
+    # -- the lifecycle -----------------------------------------------------
+
+    def _set_phase(self, new: Phase) -> None:
+        """The one guard: refuse a move the lifecycle does not have, and arm the new deadline."""
+        old = self._phase
+        if new not in _NEXT[old]:
+            raise InvalidPhaseTransition(f"connection cannot go from {old.name} to {new.name}")
+        self._phase = new
+        if new is P_FINISHED:
+            self._stop_timer()
+        elif DEADLINES[new] != DEADLINES[old]:
+            seconds = self._deadline(new)
+            if seconds is None:
+                self._stop_timer()
+            else:
+                if new is P_OPEN:
+                    self._last_activity = self._tcp.loop.now()
+                self._arm_timer(seconds)
+
+    def _deadline(self, phase: Phase) -> float | None:
+        options = self._options
+        if phase is P_HANDSHAKING:
+            return options.handshake_timeout
+        if phase is P_OPEN:
+            return options.idle_timeout
+        if phase is P_PROXY_HEADER:
+            # Without a header deadline of its own, the handshake's bounds the wait.
+            timeout = options.proxy.timeout if options.proxy is not None else None
+            return timeout if timeout is not None else options.handshake_timeout
+        if phase is P_CONNECTING:
+            return None  # the client arms its own connect timeout (tlsuv.client)
+        return options.close_timeout
 
     def _call_factory(self, factory: HandlerFactory) -> Handler | None:
         try:
             return factory(self)
         except Exception as exc:  # the handler's bug must not take the server down
-            log.error("handler factory failed for %s", _fmt(self.peer), exc_info=True)
+            log.error("handler factory failed for %s", format_address(self.peer), exc_info=True)
             self._abort(HandlerError(f"handler factory raised {exc!r}"), cause=exc)
             return None
 
     def _start(self) -> None:
-        """Begin: arm the handshake deadline, call ``established``, start reading."""
-        if self._finished:
+        """The socket is connected: arm the first deadline, call ``established``, start reading."""
+        phase = self._phase
+        if phase is P_FINISHED:
             return
-        if self._options.handshake_timeout is not None:
-            self._arm_timer("handshake", self._options.handshake_timeout)
-        proxy = self._options.proxy
-        if self._proxy is not None and proxy is not None and proxy.timeout is not None:
-            self._arm_timer("proxy header", proxy.timeout)  # the handshake's turn comes after
+        if phase is P_CONNECTING:
+            self._set_phase(P_HANDSHAKING)
+        else:
+            seconds = self._deadline(phase)
+            if seconds is not None:
+                self._arm_timer(seconds)
         self._reading = True
         self._tcp.start_read(self._on_read)
-        if self._proxy is None:  # else once the header names the real peer (_on_proxy_data)
-            self._callback("established")
-        if not self._tls.server_side and not self._finished:
+        if self._phase is not P_PROXY_HEADER:  # else once the header names the real peer
+            self._begin_handshake()
+        if not self._tls.server_side and self._phase is not P_FINISHED:
             # A client speaks first: queue the ClientHello.
             self._tls.receive(b"")
             self._pending.add(self)
 
+    def _begin_handshake(self) -> None:
+        self._callback("established")
+        if self._close_requested and self._phase is P_HANDSHAKING:
+            self._close_requested = False
+            self.close()
+
     # -- public API --------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        """Where the connection is in its lifecycle (:class:`Phase`)."""
+        return self._phase
 
     @property
     def handler(self) -> Handler | None:
@@ -233,25 +385,23 @@ class Connection:
 
     @property
     def state(self) -> State:
+        """The TLS engine's state (:class:`~tlsuv.tls.State`), finer than :attr:`phase`."""
         return self._tls.state
 
     @property
-    def established(self) -> bool:
-        """The TLS handshake has completed."""
-        return self._tls.established
-
-    @property
     def handshake_completed(self) -> bool:
-        """The handshake completed at some point (even if the connection failed later)."""
+        """The TLS handshake completed (and stays True if the connection failed later)."""
         return self._tls.handshake_completed
 
     @property
     def closed(self) -> bool:
-        return self._finished
+        """The connection has ended: nothing more is sent or read; ``Handler.closed`` runs or ran."""
+        return self._phase is P_FINISHED
 
     @property
     def closing(self) -> bool:
-        return self._closing or self._finished
+        """A close has begun (or the connection has ended): ``write()`` would raise."""
+        return self._phase >= P_CLOSING
 
     @property
     def tls_version(self) -> str | None:
@@ -265,6 +415,11 @@ class Connection:
     def ssl(self) -> SSL.Connection:
         """The underlying pyOpenSSL connection, for inspection (peer certificate, ALPN...)."""
         return self._tls.ssl
+
+    @property
+    def tls(self) -> TLSEngine:
+        """The TLS engine, for inspection (deferred writes, BIO state); do not drive it yourself."""
+        return self._tls
 
     @property
     def renegotiations(self) -> int:
@@ -303,7 +458,7 @@ class Connection:
     @property
     def buffered(self) -> int:
         """Bytes queued for the peer: deferred plaintext, unflushed TLS output, libuv's queue."""
-        if self._finished:
+        if self._phase is P_FINISHED:
             return 0
         return self._tls.deferred_bytes + self._unflushed + int(self._tcp.write_queue_size)
 
@@ -314,7 +469,7 @@ class Connection:
 
     def _compact(self) -> None:
         self._compact_queued = False
-        if not self._finished and not self._closing:
+        if self._phase < P_CLOSING:
             self._tls.compact()
 
     @property
@@ -323,7 +478,7 @@ class Connection:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Queue plaintext for the peer.  Never blocks; errors arrive via ``closed``."""
-        if self._closing:  # also set once finished
+        if self._phase >= P_CLOSING:
             raise ConnectionClosedError("write() on a connection that is closing or closed")
         if type(data) is not bytes:
             data = bytes(data)  # the caller may reuse its buffer once we return
@@ -337,28 +492,30 @@ class Connection:
         if not self._in_read:  # else _on_read flushes as it returns
             self._pending.add(self)
         if not self._writing_paused and (
-            unflushed + self._tcp.write_queue_size + tls._deferred_bytes > self._options.high_water
+            unflushed + self._tcp.write_queue_size + tls.deferred_bytes > self._options.high_water
         ):
             self._writing_paused = True
             self._callback("pause_writing")
 
-    def writelines(self, chunks: list[bytes]) -> None:
-        self.write(b"".join(chunks))
-
     def close(self) -> None:
         """Graceful close: deliver what was written, send close_notify, then close.  Idempotent."""
-        if self._closing or self._finished:
+        phase = self._phase
+        if phase >= P_CLOSING:
             return
-        self._closing = True
+        if not self._tls.deferred:
+            if phase is not P_OPEN:
+                # Nothing was promised to the peer and close_notify is impossible
+                # before the handshake: just go.
+                self._finish(None)
+                return
+        elif phase < P_HANDSHAKING:
+            # Writes wait for a handshake that cannot start yet (not connected,
+            # no PROXY header): close once it starts (_begin_handshake).
+            self._close_requested = True
+            return
+        self._set_phase(P_CLOSING)
         self._reading_paused = False
         self._update_reading()  # the peer's close_notify or EOF must still reach us
-        if self._tls.state is HANDSHAKING and not self._tls.has_deferred:
-            # Nothing was promised to the peer and close_notify is impossible
-            # before the handshake: just go.
-            self._finish(None)
-            return
-        if self._options.close_timeout is not None:
-            self._arm_timer("close", self._options.close_timeout)
         self._pending.add(self)
 
     def write_eof(self) -> None:
@@ -375,25 +532,25 @@ class Connection:
 
     def abort(self, reason: BaseException | None = None) -> None:
         """Close at once, dropping anything unsent.  Idempotent."""
-        if self._finished:
+        if self._phase is P_FINISHED:
             return
         self._abort(reason or ConnectionClosedError("connection aborted locally"))
 
     def pause_reading(self) -> None:
         """Stop delivering ``read`` calls until :meth:`resume_reading`."""
-        if self._finished or self._reading_paused:
+        if self._phase is P_FINISHED or self._reading_paused:
             return
         self._reading_paused = True
         self._update_reading()
 
     def resume_reading(self) -> None:
-        if self._finished or not self._reading_paused:
+        if self._phase is P_FINISHED or not self._reading_paused:
             return
         self._reading_paused = False
         held, self._held = self._held, None
         if held:
             for i, chunk in enumerate(held):
-                if self._finished:
+                if self.closed:  # (a property: the handler may have closed us meanwhile)
                     return
                 if self._reading_paused:  # the handler paused again from inside read()
                     self._held = held[i:] + (self._held or [])
@@ -404,7 +561,7 @@ class Connection:
     def _deliver_held(self) -> None:
         held, self._held = self._held, None
         for chunk in held or ():
-            if self._finished:
+            if self._phase is P_FINISHED:
                 return
             self._deliver(chunk)
 
@@ -413,7 +570,7 @@ class Connection:
 
         False if one is already in progress.  Raises TLSError on TLS 1.3.
         """
-        if self._closing or self._finished:
+        if self._phase >= P_CLOSING:
             raise ConnectionClosedError("renegotiate() on a connection that is closing or closed")
         started = self._tls.renegotiate()
         self._pending.add(self)
@@ -422,21 +579,21 @@ class Connection:
     # -- libuv callbacks ---------------------------------------------------
 
     def _on_read(self, tcp: pyuv.TCP, data: bytes | None, error: int | None) -> None:
-        if self._finished:
+        phase = self._phase
+        if phase is P_FINISHED:
             return
         if error is not None:
             if error == _EOF:
                 self._on_eof()
             else:
-                self._abort(TransportError(
-                    f"read failed: {pyuv.errno.strerror(error)}", errno=error))
+                self._abort(TransportError(f"read failed: {uv_error_text(error)}", errno=error))
             return
         if not data:  # libuv's EAGAIN/EINTR arrive as empty reads
             return
         self.bytes_in += len(data)
-        if self._timer_phase == "idle":
+        if phase is P_OPEN and self._timer is not None:  # the idle deadline counts from here
             self._last_activity = self._tcp.loop.now()
-        if self._proxy is not None:
+        if phase is P_PROXY_HEADER:
             data = self._on_proxy_data(data)
             if not data:
                 return
@@ -445,7 +602,7 @@ class Connection:
             self._process(data)
         finally:
             self._in_read = False
-        if self._finished:
+        if self._phase is P_FINISHED:
             return
         # What this read made the handler write (an echo, a response) is
         # flushed now, in one write(2), instead of by a trip through the
@@ -453,11 +610,11 @@ class Connection:
         # goes out together), a few hundred nanoseconds less per message.
         # Everything that needs the full after_io pass takes it.
         tls = self._tls
-        if tls._deferred or self._closing or self._writing_paused:
+        if tls.deferred or self._phase >= P_CLOSING or self._writing_paused:
             self._pending.add(self)
         elif self._unflushed or tls.pending_output():
             self._flush()
-        elif tls._bio_high and not self._compact_queued:  # a big read and nothing to answer (an upload)
+        elif tls.wants_compaction and not self._compact_queued:  # a big read, nothing to answer
             self._compact_queued = True
             self._pending.compact_later(self)
 
@@ -472,7 +629,7 @@ class Connection:
             return
         if was_handshaking and tls.state is not HANDSHAKING:
             self._on_handshake_complete()
-            if self._finished:
+            if self._phase is P_FINISHED:
                 return
         handler = self._handler
         for chunk in chunks:
@@ -481,11 +638,14 @@ class Connection:
                     self._held = []
                 self._held.append(chunk)
             elif handler is not None:
+                # _deliver, inlined: one Python call less per message (the
+                # 64-connection ping-pong counts it); tests/test_lifecycle.py's
+                # handler-error tests cover both.
                 try:
                     handler.read(self, chunk)
                 except Exception as exc:
                     self._handler_failed("read", exc)
-            if self._finished:
+            if self._phase is P_FINISHED:
                 return
         state = tls.state
         if state is not ESTABLISHED and (state is PEER_CLOSED or state is CLOSED):
@@ -503,7 +663,7 @@ class Connection:
         try:
             result = self._proxy.feed(data)
         except ProtocolError as exc:
-            log.info("%s: %s", _fmt(self.peer), exc)
+            log.info("%s: %s", format_address(self.peer), exc)
             self._finish(exc)  # nothing was sent yet, and TLS has nothing to say
             return b""
         if result is None:
@@ -513,24 +673,18 @@ class Connection:
         self.proxy_peer = self.peer
         if header.source is not None:
             self.peer, self.sockname = header.source, header.destination
-        log.debug("%s: PROXY v%d header from %s%s", _fmt(self.peer), header.version,
-                  _fmt(self.proxy_peer), " (LOCAL)" if header.local else "")
-        if self._timer_phase == "proxy header":
-            if self._options.handshake_timeout is not None:
-                self._arm_timer("handshake", self._options.handshake_timeout)
-            else:
-                self._stop_timer()
-        self._callback("established")
-        return b"" if self._finished else result.leftover
+        log.debug("%s: PROXY v%d header from %s%s", format_address(self.peer), header.version,
+                  format_address(self.proxy_peer), " (LOCAL)" if header.local else "")
+        self._set_phase(P_HANDSHAKING)
+        self._begin_handshake()
+        return b"" if self._phase is P_FINISHED else result.leftover
 
     def _on_handshake_complete(self) -> None:
-        if self._timer_phase == "handshake":
-            self._stop_timer()
-        if self._options.idle_timeout is not None and not self._closing:
-            self._last_activity = self._tcp.loop.now()
-            self._arm_timer("idle", self._options.idle_timeout)
+        if self._phase is P_HANDSHAKING:  # not if close() came first: that close goes on
+            self._set_phase(P_OPEN)
         if log.isEnabledFor(logging.DEBUG):  # version and cipher are two pyOpenSSL calls
-            log.debug("%s: handshake complete (%s, %s)", _fmt(self.peer), self.tls_version, self.cipher)
+            log.debug("%s: handshake complete (%s, %s)", format_address(self.peer),
+                      self.tls_version, self.cipher)
         self._callback("handshake_complete")
         # TLS 1.3 servers send session tickets right after the handshake, and
         # the handler may have written: flush now, or a client that waits to
@@ -538,11 +692,11 @@ class Connection:
         self._pending.add(self)
 
     def _on_eof(self) -> None:
-        if self._proxy is not None:
+        if self._phase is P_PROXY_HEADER:
             self._finish(ProtocolError("peer closed the connection before the PROXY header ended"))
             return
         self._deliver_held()  # the end of the stream outranks a pause: nothing read is lost
-        if self._finished:
+        if self._phase is P_FINISHED:
             return
         try:
             self._tls.eof_received()
@@ -554,49 +708,48 @@ class Connection:
     def _on_peer_closed(self) -> None:
         """The peer's close_notify arrived: answer with ours, flush, then close."""
         self._deliver_held()  # the end of the stream outranks a pause: nothing read is lost
-        if self._finished:
+        phase = self._phase
+        if phase is P_FINISHED:
             return
-        self._closing = True
-        if self._options.close_timeout is not None and self._timer_phase != "close":
-            self._arm_timer("close", self._options.close_timeout)
+        if phase < P_CLOSING:
+            self._set_phase(P_CLOSING)
         self._pending.add(self)
 
     def _on_write(self, tcp: pyuv.TCP, error: int | None) -> None:
-        if self._finished:
+        if self._phase is P_FINISHED:
             return
         if error is not None:
-            self._abort(TransportError(
-                f"write failed: {pyuv.errno.strerror(error)}", errno=error))
+            self._abort(TransportError(f"write failed: {uv_error_text(error)}", errno=error))
             return
         if self._tcp.write_queue_size == 0:
             self._after_drain()
 
     def _on_shutdown(self, tcp: pyuv.TCP, error: int | None) -> None:
-        if self._finished:
+        if self._phase is P_FINISHED:
             return
         if self._tls.state is CLOSED:
             # Both close_notify done (the peer's came first): nothing left to wait for.
             self._finish(None)
 
     def _on_timer(self, timer: pyuv.Timer) -> None:
-        if self._finished:
+        phase = self._phase
+        if phase is P_FINISHED:
             return
-        phase = self._timer_phase
-        if phase == "idle":
+        if phase is P_OPEN:
             assert self._options.idle_timeout is not None
             elapsed = self._tcp.loop.now() - self._last_activity
             remaining = self._options.idle_timeout * 1000 - elapsed
             if remaining > 1:
-                self._arm_timer("idle", remaining / 1000)
+                self._arm_timer(remaining / 1000)
                 return
-        self._timer_phase = ""
-        if phase == "close":
-            if self._tls_shutdown_done and self._tcp.write_queue_size == 0 \
+        if phase >= P_CLOSING:
+            if phase >= P_SHUTDOWN and self._tcp.write_queue_size == 0 \
                     and not self._tls.read_after_shutdown:
                 # Everything we owed the peer, close_notify included, is on
                 # the wire; it just never answered.  Many TLS 1.3 stacks do
                 # not, so this is a normal ending, not an error.
-                log.debug("%s: no close_notify from the peer in time; closing", _fmt(self.peer))
+                log.debug("%s: no close_notify from the peer in time; closing",
+                          format_address(self.peer))
                 self._finish(None)
             else:
                 # Either our data is still queued, or (after write_eof) we
@@ -604,17 +757,22 @@ class Connection:
                 self._abort(TimeoutError(
                     "graceful close timed out with data still undelivered", phase="close"))
             return
-        self._abort(TimeoutError(f"{phase} timeout", phase=phase))
+        self._abort(self._timeout_error(phase))
+
+    def _timeout_error(self, phase: Phase) -> TimeoutError:
+        name = DEADLINES[phase]
+        return TimeoutError(f"{name} timeout", phase=name)
 
     # -- the after_io pass (the seed's try_flush_ssl_state) --------------------
 
     def _after_io(self) -> None:
-        if self._finished:
+        phase = self._phase
+        if phase is P_FINISHED or phase is P_CONNECTING:  # nothing touches an unconnected socket
             return
         tls = self._tls
-        if tls._deferred or self._closing:
+        if tls.deferred or phase >= P_CLOSING:
             try:
-                if tls._deferred and tls.state is not HANDSHAKING:
+                if tls.deferred and tls.state is not HANDSHAKING:
                     # (Before the first handshake completes nothing can be
                     # retried, and SSL_read has already seen every byte.)
                     tls.retry_deferred()
@@ -623,17 +781,17 @@ class Connection:
                     # with them.  No new bytes may ever arrive to make us call
                     # SSL_read for it (the peer waits for our answer): drain now.
                     self._process(b"")
-                    if self._finished:
+                    if self._phase is P_FINISHED:
                         return
-                if self._closing and not self._tls_shutdown_done:
+                if self._phase is P_CLOSING:
                     self._start_tls_shutdown()
             except TLSUVError as exc:
                 self._fail(exc)
                 return
         self._flush()
-        if self._finished:
+        if self._phase is P_FINISHED:
             return
-        if (self._writing_paused or self._tls_shutdown_done) and self._tcp.write_queue_size == 0:
+        if (self._writing_paused or self._phase >= P_SHUTDOWN) and self._tcp.write_queue_size == 0:
             self._after_drain()
 
     def _flush(self) -> None:
@@ -652,7 +810,7 @@ class Connection:
         # for what the kernel does not take now (libuv keeps those).
         view = tls.output_view()
         self._unflushed = 0
-        if tls._bio_high and not self._compact_queued:
+        if tls.wants_compaction and not self._compact_queued:
             self._compact_queued = True
             self._pending.compact_later(self)
         size = len(view)
@@ -664,7 +822,7 @@ class Connection:
             size = len(data)
         self.bytes_out += size
         tcp = self._tcp
-        if self._timer_phase == "idle":
+        if self._phase is P_OPEN and self._timer is not None:  # the idle deadline counts from here
             self._last_activity = tcp.loop.now()
         fd = self._fd
         if fd < 0:
@@ -687,43 +845,46 @@ class Connection:
         try:
             tcp.write(rest, self._on_write)
         except pyuv.error.UVError as exc:
-            self._abort(TransportError(f"write failed: {exc.args[-1]}"), cause=exc)
+            self._abort(TransportError(f"write failed: {uv_error_text(exc)}"), cause=exc)
 
     def _start_tls_shutdown(self) -> None:
         tls = self._tls
         if tls.state is HANDSHAKING:
             return  # deferred writes still wait for the handshake; the close timer bounds it
         tls.shutdown()
-        if tls.state in (SHUTDOWN_SENT, CLOSED):
-            self._tls_shutdown_done = True
+        if tls.state is SHUTDOWN_SENT or tls.state is CLOSED:
+            self._set_phase(P_SHUTDOWN)
 
     def _after_drain(self) -> None:
         """libuv's queue is empty: resume a paused writer, or move the close along."""
         if self._writing_paused and self.buffered <= self._options.low_water:
             self._writing_paused = False
             self._callback("resume_writing")
-            if self._finished:
+            if self._phase is P_FINISHED:
                 return
-        if not self._tls_shutdown_done or self._tls.pending_output() != 0 or self._tls.has_deferred:
+        phase = self._phase
+        if phase < P_SHUTDOWN or self._tls.pending_output() != 0 or self._tls.deferred:
             return
         # close_notify is on the wire.
-        if self._tls.state is CLOSED:
+        if self._tls.state is CLOSED:  # and the peer's came (before or after our FIN)
             self._finish(None)
-        elif not self._tcp_shutdown_started:
-            # Half-close so a peer waiting for EOF sees it; keep reading for its close_notify.
-            self._tcp_shutdown_started = True
-            try:
-                self._tcp.shutdown(self._on_shutdown)
-            except pyuv.error.UVError:
-                self._finish(None)
+            return
+        if phase is P_HALF_CLOSED:
+            return
+        # Half-close so a peer waiting for EOF sees it; keep reading for its close_notify.
+        self._set_phase(P_HALF_CLOSED)
+        try:
+            self._tcp.shutdown(self._on_shutdown)
+        except pyuv.error.UVError:
+            self._finish(None)
 
     # -- endings -----------------------------------------------------------
 
     def _fail(self, exc: TLSUVError) -> None:
         """A fatal TLS error: send OpenSSL's alert if we can, then close."""
-        if self._finished:
+        if self._phase is P_FINISHED:
             return
-        log.info("%s: %s", _fmt(self.peer), exc)
+        log.info("%s: %s", format_address(self.peer), exc)
         alert = self._tls.data_to_send()
         if alert:
             # Best effort: a few bytes, and the queue is usually empty.  If the
@@ -736,18 +897,16 @@ class Connection:
         if cause is not None and reason.__cause__ is None:
             reason.__cause__ = cause
         if isinstance(reason, (TimeoutError, TransportError)) and log.isEnabledFor(logging.INFO):
-            log.info("%s: %s", _fmt(self.peer), reason)
+            log.info("%s: %s", format_address(self.peer), reason)
         self._finish(reason)
 
     def _finish(self, reason: BaseException | None) -> None:
-        if self._finished:
+        if self._phase is P_FINISHED:
             return
-        self._finished = True
-        self._closing = True
+        self._set_phase(P_FINISHED)
         self._reason = reason
         self._pending.forget(self)
         self._held = None
-        self._stop_timer()
         if self._reading and not self._tcp.closed:
             # The handle's read callback is a bound method of this connection,
             # and closing does not drop it: the pair would be a reference cycle
@@ -761,14 +920,14 @@ class Connection:
             self._on_tcp_closed(self._tcp)
 
     def _on_tcp_closed(self, tcp: pyuv.TCP) -> None:
-        if log.isEnabledFor(logging.DEBUG):  # _fmt is not free, and this runs per connection
-            log.debug("%s: closed (%s)", _fmt(self.peer), self._reason or "clean")
+        if log.isEnabledFor(logging.DEBUG):  # formatting is not free, and this runs per connection
+            log.debug("%s: closed (%s)", format_address(self.peer), self._reason or "clean")
         handler = self._handler
         if handler is not None:
             try:
                 handler.closed(self, self._reason)
             except Exception:  # nothing left to abort; keep the loop alive
-                log.error("%s: handler.closed raised", _fmt(self.peer), exc_info=True)
+                log.error("%s: handler.closed raised", format_address(self.peer), exc_info=True)
         on_gone, self._on_gone = self._on_gone, None
         if on_gone is not None:
             on_gone(self)
@@ -786,7 +945,7 @@ class Connection:
 
     def _callback(self, name: str) -> None:
         handler = self._handler
-        if handler is None or self._finished:
+        if handler is None or self._phase is P_FINISHED:
             return
         try:
             getattr(handler, name)(self)
@@ -794,15 +953,16 @@ class Connection:
             self._handler_failed(name, exc)
 
     def _handler_failed(self, name: str, exc: Exception) -> None:
-        log.error("%s: handler.%s raised; aborting this connection", _fmt(self.peer), name,
+        log.error("%s: handler.%s raised; aborting this connection", format_address(self.peer), name,
                   exc_info=exc)
         self._abort(HandlerError(f"handler.{name} raised {exc!r}"), cause=exc)
 
     def _update_reading(self) -> None:
         """Read from TCP unless the handler paused us and TLS needs no input to progress."""
-        if self._finished:
+        phase = self._phase
+        if phase is P_FINISHED or phase is P_CONNECTING:
             return
-        want = not self._reading_paused or self._tls.has_deferred or self._closing
+        want = not self._reading_paused or bool(self._tls.deferred) or phase >= P_CLOSING
         if want and not self._reading:
             self._reading = True
             self._tcp.start_read(self._on_read)
@@ -810,38 +970,19 @@ class Connection:
             self._reading = False
             self._tcp.stop_read()
 
-    def _arm_timer(self, phase: str, seconds: float) -> None:
+    def _arm_timer(self, seconds: float) -> None:
+        """(Re)start the deadline of the current phase, ``seconds`` from now."""
         timer = self._timer
         if timer is None:
             timer = self._timer = pyuv.Timer(self._tcp.loop)
-        self._timer_phase = phase
         timer.start(self._on_timer, seconds, 0.0)  # pyuv timers take seconds
 
     def _stop_timer(self) -> None:
         # Closed, not just stopped: an idle connection should not carry a
         # handle it does not use (memory at 10,000 connections).
-        self._timer_phase = ""
         timer, self._timer = self._timer, None
         if timer is not None and not timer.closed:
             timer.close()
 
     def __repr__(self) -> str:
-        closed = " closed" if self._finished else ""
-        return f"<tlsuv.Connection {_fmt(self.peer)} {self._tls.state.value}{closed}>"
-
-
-def _address(tcp: pyuv.TCP, method: str) -> tuple[str, int] | None:
-    try:
-        addr = getattr(tcp, method)()
-    except pyuv.error.UVError:
-        return None  # the peer reset before we asked; the read will report it
-    # Interned: behind a balancer, NAT or a proxy many connections share a
-    # peer address, and each would otherwise keep its own copy of the string.
-    return (sys.intern(str(addr[0])), int(addr[1]))
-
-
-def _fmt(addr: tuple[str, int] | None) -> str:
-    if addr is None:
-        return "<unknown peer>"
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return f"<tlsuv.Connection {format_address(self.peer)} {self._phase.name.lower()}>"

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import pyuv
 
 from . import _cli, policy, workers
+from ._uv import format_address
 from .certs import CertificateError, load_bundle, self_signed
 from .connection import Connection, ConnectionOptions
 from .handler import Handler
@@ -69,7 +70,8 @@ def build_parser() -> _cli.ArgumentParser:
                    help="on SIGINT/SIGTERM, wait this long for connections to close (default 5)")
     p.add_argument("--log-level", choices=_cli.LOG_LEVELS, default="info")
     policy.add_arguments(p)  # --alpn, --client-ca, --sni, --tls-min/max, --ciphers, --keylog...
-    workers.add_arguments(p)  # --workers, --stats-interval, --proxy-protocol, --proxy-from...
+    workers.add_arguments(p)  # --workers, --stats-interval
+    _cli.add_proxy_arguments(p)
     return p
 
 
@@ -88,15 +90,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle_timeout=args.idle_timeout,
         close_timeout=args.close_timeout,
         allow_client_renegotiation=args.allow_client_renegotiation,
-        proxy=workers.proxy_options(args),
+        proxy=_cli.proxy_options(args, "python -m tlsuv.echo"),
     )
 
     def announce(host: str, port: int) -> None:
         if args.cert is None:
             print(f"self-signed certificate for localhost, 127.0.0.1, ::1; "
                   f"SHA-256 fingerprint {bundle.fingerprint}", flush=True)
-        shown = f"[{host}]" if ":" in host else host
-        print(f"tlsuv echo server listening on {shown}:{port}", flush=True)
+        print(f"tlsuv echo server listening on {format_address((host, port))}", flush=True)
 
     if args.workers > 1:  # forks, so before this process makes any loop (tlsuv.workers)
         return workers.run_cli(args, lambda lp: Server(
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             h.close()
 
     def on_signal(handle: pyuv.Signal, signum: int) -> None:
-        if server._closing:
+        if server.closing:
             log.info("second signal: aborting all connections")
             server.abort()
             return

@@ -12,6 +12,10 @@ raised ``from`` it, so the OpenSSL or libuv detail stays on ``__cause__``.
 from __future__ import annotations
 
 import builtins
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
 
 
 class TLSUVError(Exception):
@@ -84,3 +88,14 @@ class HandlerError(TLSUVError):
 
 class ProtocolError(TLSUVError):
     """The peer broke a framing rule outside TLS itself (e.g. a PROXY header)."""
+
+
+def describe_openssl_error(exc: SSL.Error) -> str:
+    """OpenSSL's reason string(s) from a pyOpenSSL error, e.g. ``wrong version number``."""
+    parts: list[str] = []
+    for entry in exc.args[0] if exc.args and isinstance(exc.args[0], list) else ():
+        if isinstance(entry, tuple) and len(entry) == 3:
+            parts.append(str(entry[2]))
+    if parts:
+        return "; ".join(parts)
+    return str(exc) or type(exc).__name__

@@ -1,12 +1,15 @@
 """The pending list and the ``after_io`` Prepare handle (the seed's ``pending_writes`` queue).
 
-Reads and writes never send ciphertext themselves.  They only put their
-connection on the pending list; once per loop iteration, just before libuv
-polls for I/O, the ``after_io`` Prepare handle walks the list and lets each
-connection retry its deferred writes and flush its outgoing BIO.  Batching
-there means one socket write per connection per iteration however many
-``write()`` calls the handler made, and it gives the read-needs-write /
-write-needs-read dance of OpenSSL one orderly place to happen.
+A write never sends ciphertext itself.  It puts its connection on the
+pending list; once per loop iteration, just before libuv polls for I/O, the
+``after_io`` Prepare handle walks the list and lets each connection retry
+its deferred writes and flush its outgoing BIO.  Batching there means one
+socket write per connection per iteration however many ``write()`` calls the
+handler made, and it gives the read-needs-write / write-needs-read dance of
+OpenSSL one orderly place to happen.  One exception, for speed: what a
+handler writes from inside ``read`` is flushed as the read callback returns
+(still one write(2) for all of it), unless the connection has deferred
+writes, is closing or has a paused writer -- those always come here.
 
 Two departures from the seed:
 
@@ -21,9 +24,10 @@ Two departures from the seed:
 The same per-loop object also runs the *compaction* sweep: a connection
 whose memory BIOs grew (a handshake, a bulk transfer) asks to be compacted;
 every ``COMPACT_INTERVAL`` seconds the ones that stayed idle since they asked
-get fresh, empty BIOs (``TLSEngine.compact``), so idle connections give that
-memory back.  Its timer is unreferenced (it never keeps the loop alive) and
-is closed whenever no connection is waiting.
+have both BIOs freed (``TLSEngine.compact``; new ones are made when the
+connection is next used), so idle connections give that memory back.  Its
+timer is unreferenced (it never keeps the loop alive) and is closed whenever
+no connection is waiting.
 """
 
 from __future__ import annotations
@@ -72,20 +76,11 @@ class PendingList:
         self._compact: dict[Compactable, int] = {}
         self._compact_timer: pyuv.Timer | None = None
 
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def __contains__(self, conn: object) -> bool:
-        return conn in self._pending
-
     def add(self, conn: Flushable) -> None:
         self._pending[conn] = None
         if not self._active:
             self._active = True
             self._prepare.start(self._after_io)
-
-    def discard(self, conn: Flushable) -> None:
-        self._pending.pop(conn, None)
 
     def _after_io(self, handle: pyuv.Prepare) -> None:
         for _ in range(MAX_PASSES):

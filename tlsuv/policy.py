@@ -54,7 +54,15 @@ from typing import Final
 from cryptography import x509
 from OpenSSL import SSL
 
-from .certs import CertificateBundle, CertificateError, load_bundle, new_context, self_signed, server_context
+from .certs import (
+    CertificateBundle,
+    CertificateError,
+    load_bundle,
+    new_context,
+    read_file,
+    self_signed,
+    server_context,
+)
 from .errors import TLSUVError
 
 log = logging.getLogger("tlsuv")
@@ -169,14 +177,7 @@ def _check_sni_name(name: str) -> str:
 
 
 def _read_ca_file(path: str | Path, what: str) -> list[x509.Certificate]:
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise CertificateError(f"{what} file not found: {path}") from None
-    except IsADirectoryError:
-        raise CertificateError(f"{what} file is a directory: {path}") from None
-    except OSError as exc:
-        raise CertificateError(f"cannot read {what} file {path}: {exc.strerror}") from exc
+    data = read_file(path, what)
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError:

@@ -19,7 +19,8 @@ from typing import Final
 import pyuv
 from OpenSSL import SSL
 
-from .connection import Connection, ConnectionOptions, _address, _fmt
+from ._uv import format_address, socket_address, uv_error_text
+from .connection import Connection, ConnectionOptions
 from .errors import TLSUVError
 from .handler import HandlerFactory
 from .pending import PendingList
@@ -96,16 +97,15 @@ class Server:
             tcp.listen(self._on_connection, backlog)
         except pyuv.error.UVError as exc:
             tcp.close()
-            errno = exc.args[0] if exc.args else None
-            text = pyuv.errno.strerror(errno) if isinstance(errno, int) else str(exc)
-            raise ServerError(f"cannot listen on {_fmt((host, port))}: {text}") from exc
+            raise ServerError(f"cannot listen on {format_address((host, port))}: {uv_error_text(exc)}") \
+                from exc
         except (OverflowError, ValueError, TypeError) as exc:  # pyuv's own argument checks
             tcp.close()
-            raise ServerError(f"cannot listen on {_fmt((host, port))}: {exc}") from exc
+            raise ServerError(f"cannot listen on {format_address((host, port))}: {exc}") from exc
         name = tcp.getsockname()
         self._listener = tcp
         self._address = (str(name[0]), int(name[1]))
-        log.info("listening on %s (%s)", _fmt(self._address),
+        log.info("listening on %s (%s)", format_address(self._address),
                  "IPv6" if family == socket.AF_INET6 else "IPv4")
         return self._address
 
@@ -119,18 +119,23 @@ class Server:
             tcp.open(sock.fileno())
         except pyuv.error.UVError as exc:
             tcp.close()
-            raise ServerError(f"cannot adopt socket: {exc.args[-1]}") from exc
+            raise ServerError(f"cannot adopt socket: {uv_error_text(exc)}") from exc
         sock.detach()  # the handle owns the descriptor now; closing it closes the socket
         try:
             tcp.listen(self._on_connection, backlog)
         except pyuv.error.UVError as exc:
             tcp.close()
-            raise ServerError(f"cannot listen: {exc.args[-1]}") from exc
+            raise ServerError(f"cannot listen: {uv_error_text(exc)}") from exc
         name = tcp.getsockname()
         self._listener = tcp
         self._address = (str(name[0]), int(name[1]))
-        log.info("listening on %s (adopted socket)", _fmt(self._address))
+        log.info("listening on %s (adopted socket)", format_address(self._address))
         return self._address
+
+    @property
+    def closing(self) -> bool:
+        """:meth:`close` or :meth:`abort` was called: no new connections are accepted."""
+        return self._closing
 
     @property
     def address(self) -> tuple[str, int]:
@@ -140,7 +145,7 @@ class Server:
 
     def _on_connection(self, listener: pyuv.TCP, error: int | None) -> None:
         if error is not None:
-            log.warning("accept failed: %s", pyuv.errno.strerror(error))
+            log.warning("accept failed: %s", uv_error_text(error))
             return
         tcp = pyuv.TCP(self.loop)
         try:
@@ -148,7 +153,7 @@ class Server:
         except pyuv.error.UVError as exc:
             # EMFILE and friends: the connection stays in the backlog; say so
             # once per failure and carry on serving the others.
-            log.warning("accept failed: %s", exc.args[-1])
+            log.warning("accept failed: %s", uv_error_text(exc))
             tcp.close()
             return
         if self._closing or (
@@ -159,12 +164,12 @@ class Server:
                      f"limit of {self.max_connections} connections reached")
             tcp.close()
             return
-        source = _address(tcp, "getpeername") if self.options.proxy is not None else None
+        source = socket_address(tcp, "getpeername") if self.options.proxy is not None else None
         if self.options.proxy is not None and not self.options.proxy.allows(source):
             # Only trusted balancers may claim a client address (tlsuv.proxy).
             self.refused += 1
             log.warning("refusing connection from %s: not allowed to send a PROXY header",
-                        _fmt(source))
+                        format_address(source))
             tcp.close()
             return
         self.accepted += 1
@@ -175,8 +180,8 @@ class Server:
             conn.sockname = self._sockname
         else:
             self._sockname = conn.sockname
-        if log.isEnabledFor(logging.DEBUG):  # skip _fmt per connection when nobody looks
-            log.debug("%s: accepted", _fmt(conn.peer))
+        if log.isEnabledFor(logging.DEBUG):  # skip formatting per connection when nobody looks
+            log.debug("%s: accepted", format_address(conn.peer))
         self.connections.add(conn)
         conn._start()
 

@@ -23,8 +23,11 @@ The traps, and how each is handled
   it (:meth:`TLSEngine.data_to_send`) after every call.  The second case is
   the seed's *deferred writes*: ``send`` raises ``WantReadError``, we keep the
   buffer, and retry it (:meth:`TLSEngine.retry_deferred`) after more input
-  arrived.  There is no explicit accept or handshake call: the first read or
-  write drives the handshake, exactly as in the seed.
+  arrived.  There is no explicit accept or handshake call: reads drive the
+  handshake, as in the seed (a server's first :meth:`TLSEngine.receive`, a
+  client's ``receive(b"")`` for its ClientHello).  Unlike the seed, a write
+  before the first handshake completes is deferred at once instead of being
+  tried: it could only fail with WANT_READ.
 
 * **A retried write must be the same buffer, same length.**  OpenSSL remembers
   a partially written record; retrying with a shorter buffer fails with "bad
@@ -76,7 +79,7 @@ from OpenSSL import SSL
 
 from . import _openssl as _o
 from ._openssl import verify_failure
-from .errors import CertificateVerifyError, HandshakeError, TLSError, TruncationError
+from .errors import CertificateVerifyError, HandshakeError, TLSError, TruncationError, describe_openssl_error
 
 # The hot-path symbols as module globals: one dict lookup per use instead of two.
 _SSL_read: Any = getattr(_o, "SSL_read", None)
@@ -85,7 +88,7 @@ _SSL_pending: Any = getattr(_o, "SSL_pending", None)
 _SSL_get_error: Any = getattr(_o, "SSL_get_error", None)
 _BIO_write: Any = getattr(_o, "BIO_write", None)
 _BIO_read: Any = getattr(_o, "BIO_read", None)
-_BIO_pending: Any = getattr(_o, "BIO_get_mem_data", None)
+_BIO_get_mem_data: Any = getattr(_o, "BIO_get_mem_data", None)  # with NULL: bytes pending
 _NULL: Any = getattr(_o, "NULL", None)
 _new_buffer: Any = getattr(_o, "new_buffer", None)
 
@@ -207,39 +210,34 @@ class InvalidTransition(RuntimeError):
     """A bug in tlsuv: the engine was asked to move between two states it cannot."""
 
 
-def describe_openssl_error(exc: SSL.Error) -> str:
-    """OpenSSL's reason string(s) from a pyOpenSSL error, e.g. ``wrong version number``."""
-    parts: list[str] = []
-    for entry in exc.args[0] if exc.args and isinstance(exc.args[0], list) else ():
-        if isinstance(entry, tuple) and len(entry) == 3:
-            parts.append(str(entry[2]))
-    if parts:
-        return "; ".join(parts)
-    return str(exc) or type(exc).__name__
-
-
 class TLSEngine:
     """One TLS connection with no I/O of its own (the seed's ``SSL*`` and two BIOs).
 
     The owner calls :meth:`receive` with ciphertext from the network and gets
     plaintext back; calls :meth:`write` with plaintext; and after either one
     sends whatever :meth:`data_to_send` returns.  :attr:`state` says where the
-    connection is; :attr:`wants_flush` says whether the owner has work to do.
+    connection is.  The owner may read, never set, the public attributes:
+    ``deferred`` (plaintext OpenSSL could not take yet, oldest first, or
+    None) and ``deferred_bytes`` (its size), ``wants_compaction``
+    (:meth:`compact` would give memory back), ``detached`` (it did, and the
+    BIOs come back on the next use), ``handshake_completed`` (sticky).
     """
 
+    # Public attributes are read-only for everyone but the engine: one surface
+    # for the owner and the tests, at the cost of a slot like any private one.
     __slots__ = (
-        "_bio",
-        "_bio_high",
-        "_deferred",
-        "_deferred_bytes",
-        "_detached",
         "_ptr",
         "_rbio",
+        "_wbio",
+        "deferred",
+        "deferred_bytes",
+        "detached",
         "handshake_completed",
         "read_after_shutdown",
         "server_side",
         "ssl",
         "state",
+        "wants_compaction",
     )
 
     def __init__(
@@ -268,24 +266,24 @@ class TLSEngine:
         # Plaintext that OpenSSL could not take yet (it needs to read first).
         # Made on first use and dropped once drained (retry_deferred): an
         # empty deque costs ~750 bytes per connection.
-        self._deferred: deque[memoryview] | None = None
-        self._deferred_bytes = 0
+        self.deferred: deque[memoryview] | None = None
+        self.deferred_bytes = 0
         # The raw SSL* and BIOs for the hot path (tlsuv._openssl); None means
         # "use pyOpenSSL's public methods", which behave the same, slower.
         handles = _o.fast_handles(self.ssl)
         self._ptr: Any = None  # cffi pointers: SSL*, incoming BIO*, outgoing BIO*
         self._rbio: Any = None
-        self._bio: Any = None
+        self._wbio: Any = None
         if handles is not None:
-            self._ptr, self._rbio, self._bio = handles
+            self._ptr, self._rbio, self._wbio = handles
         _o.release_idle_buffers(self.ssl)
         _o.whole_writes(self.ssl)
         # compact() would give memory back: a BIO held more than COMPACT_MIN,
         # or the handshake (or an _attach) made BIOs an idle connection can do without.
-        self._bio_high = False
+        self.wants_compaction = False
         # compact() freed both BIOs (and _ptr is None meanwhile, so every
         # call leaves the fast path and gets them back in _attach first).
-        self._detached = False
+        self.detached = False
         # A half-close (Connection.write_eof): after our close_notify the peer's
         # data is still wanted, up to its own close_notify (RFC 8446 section 6.1).
         self.read_after_shutdown = False
@@ -298,36 +296,17 @@ class TLSEngine:
         self.state = new
 
     @property
-    def established(self) -> bool:
-        """The first handshake has completed (and the engine has not failed)."""
-        return self.state is not HANDSHAKING and self.state is not FAILED
-
-    @property
     def can_write(self) -> bool:
         # PEER_CLOSED too: the peer's close_notify only ends its direction, and
         # a handler answering the last bytes before it must be able to.
         state = self.state
         return state is ESTABLISHED or state is HANDSHAKING or state is PEER_CLOSED
 
-    @property
-    def deferred_bytes(self) -> int:
-        """Plaintext accepted by :meth:`write` that OpenSSL has not encrypted yet."""
-        return self._deferred_bytes
-
-    @property
-    def has_deferred(self) -> bool:
-        return bool(self._deferred)
-
     def pending_output(self) -> int:
         """Bytes of ciphertext waiting in the outgoing BIO (-1 if it cannot be asked)."""
-        if self._bio is None:
-            return 0 if self._detached else -1
-        return int(_BIO_pending(self._bio, _NULL))
-
-    @property
-    def wants_flush(self) -> bool:
-        """True when the owner should call :meth:`retry_deferred` or :meth:`data_to_send`."""
-        return bool(self._deferred) or self.pending_output() != 0
+        if self._wbio is None:
+            return 0 if self.detached else -1
+        return int(_BIO_get_mem_data(self._wbio, _NULL))
 
     # -- input -----------------------------------------------------------
 
@@ -352,13 +331,13 @@ class TLSEngine:
         size = len(data)
         if size:
             if size > COMPACT_MIN:
-                self._bio_high = True
+                self.wants_compaction = True
             # cffi hands bytes to a void* parameter without a copy.
             if _BIO_write(rbio, data, size) != size:  # pragma: no cover - memory BIOs grow
                 raise self._fail(SSL.Error([("BIO", "", "memory BIO refused input")]))
         buf = _scratch.buf
         n = _SSL_read(ptr, buf, RECV_SIZE)
-        if 0 < n < RECV_SIZE and not _BIO_pending(rbio, _NULL):
+        if 0 < n < RECV_SIZE and not _BIO_get_mem_data(rbio, _NULL):
             return [_unpack(buf, n)]
         return self._read_records(ptr, rbio, buf, n, ESTABLISHED)
 
@@ -368,7 +347,7 @@ class TLSEngine:
         if state is FAILED or state is CLOSED or state is PEER_CLOSED:
             return []
         ptr = self._ptr
-        if ptr is None and self._detached:  # compacted while idle: BIOs first
+        if ptr is None and self.detached:  # compacted while idle: BIOs first
             self._attach()
             ptr = self._ptr
         if ptr is None:
@@ -377,7 +356,7 @@ class TLSEngine:
             rbio = self._rbio
             if data:
                 if len(data) > COMPACT_MIN:
-                    self._bio_high = True
+                    self.wants_compaction = True
                 if _BIO_write(rbio, data, len(data)) != len(data):  # pragma: no cover - as above
                     raise self._fail(SSL.Error([("BIO", "", "memory BIO refused input")]))
             buf = _scratch.buf
@@ -403,7 +382,7 @@ class TLSEngine:
         while True:
             if n > 0:
                 used += n
-                if _BIO_pending(rbio, _NULL) == 0 and (n < RECV_SIZE or _SSL_pending(ptr) == 0):
+                if _BIO_get_mem_data(rbio, _NULL) == 0 and (n < RECV_SIZE or _SSL_pending(ptr) == 0):
                     break
                 if used > OUTPUT_MAX - RECV_SIZE:  # no room for another record
                     chunks.append(_unpack(buf, used))
@@ -457,7 +436,7 @@ class TLSEngine:
             self.handshake_completed = True
             # The flights grew both BIOs, and an idle connection is better off
             # with none at all: ask to be compacted.
-            self._bio_high = True
+            self.wants_compaction = True
 
     def _peer_close_notify(self) -> None:
         if self.state is SHUTDOWN_SENT:
@@ -494,8 +473,11 @@ class TLSEngine:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt ``data`` now, or keep it as a deferred write if OpenSSL must read first."""
         ptr = self._ptr
-        if ptr is not None and self.state is ESTABLISHED and not self._deferred \
+        if ptr is not None and self.state is ESTABLISHED and not self.deferred \
                 and type(data) is bytes and data:
+            # _send_or_defer's common case, inlined: one Python call less per
+            # message (callgrind counts it in the 64-connection ping-pong).
+            # Both go through _SSL_write, so one patched symbol reaches both.
             size = len(data)
             n = _SSL_write(ptr, data, size)  # cffi: bytes to void*, no copy
             if n == size:
@@ -509,9 +491,9 @@ class TLSEngine:
             raise TLSError(f"cannot write: TLS connection is {self.state.value}")
         if not data:
             return
-        if self._detached:
+        if self.detached:
             self._attach()
-        deferred = self._deferred
+        deferred = self.deferred
         if deferred or self.state is HANDSHAKING:
             # During the first handshake SSL_write could only run the handshake
             # on the input SSL_read already saw and fail with WANT_READ (a
@@ -519,9 +501,9 @@ class TLSEngine:
             # data until the handshake is done.
             view = memoryview(data).cast("B")
             if deferred is None:
-                deferred = self._deferred = deque()
+                deferred = self.deferred = deque()
             deferred.append(view)
-            self._deferred_bytes += len(view)
+            self.deferred_bytes += len(view)
             return
         self._send_or_defer(data)
 
@@ -531,7 +513,7 @@ class TLSEngine:
         if ptr is not None and type(data) is bytes:
             # The common case: cffi passes bytes as a pointer without a copy,
             # and a memory BIO takes the whole buffer in one SSL_write.
-            n = _o.SSL_write(ptr, data, len(data))
+            n = _SSL_write(ptr, data, len(data))
             if n == len(data):
                 return True
             if n > 0:  # pragma: no cover - only if whole_writes() could not clear partial writes
@@ -548,17 +530,17 @@ class TLSEngine:
             while view:
                 if ptr is not None:
                     with _o.from_buffer(view) as cdata:
-                        n = _o.SSL_write(ptr, cdata, len(view))
+                        n = _SSL_write(ptr, cdata, len(view))
                     if n <= 0:
                         self._raise_write_error(n)
                 else:
                     n = self.ssl.send(view)
                 view = view[n:]
         except SSL.WantReadError:
-            if self._deferred is None:
-                self._deferred = deque()
-            self._deferred.appendleft(view)
-            self._deferred_bytes += len(view)
+            if self.deferred is None:
+                self.deferred = deque()
+            self.deferred.appendleft(view)
+            self.deferred_bytes += len(view)
             return False
         except SSL.Error as exc:
             raise self._fail(exc) from exc
@@ -574,12 +556,12 @@ class TLSEngine:
 
         Nothing is tried before the first handshake completes (see :meth:`write`).
         """
-        deferred = self._deferred
+        deferred = self.deferred
         if self.state is HANDSHAKING:
             return not deferred
         while deferred and self.can_write:
             view = deferred.popleft()
-            self._deferred_bytes -= len(view)
+            self.deferred_bytes -= len(view)
             if not self._send_or_defer(view):
                 return False
         if deferred:
@@ -587,7 +569,7 @@ class TLSEngine:
         # Dropped once drained: nearly every server connection defers its
         # greeting until the handshake, and an idle one should not keep the
         # empty deque (~750 bytes) for the rest of its life.
-        self._deferred = None
+        self.deferred = None
         return True
 
     def output_view(self) -> memoryview:
@@ -600,7 +582,7 @@ class TLSEngine:
         long or longer (pyOpenSSL's public path returns everything at once),
         more may wait: :meth:`data_to_send` returns the rest.
         """
-        bio = self._bio
+        bio = self._wbio
         if bio is None:
             return memoryview(self.data_to_send())
         scratch = _scratch
@@ -608,12 +590,12 @@ class TLSEngine:
         if n <= 0:
             return _EMPTY
         if n > COMPACT_MIN:
-            self._bio_high = True
+            self.wants_compaction = True
         return scratch.view[:n]
 
     def data_to_send(self) -> bytes:
         """Drain and return the ciphertext OpenSSL produced (b"" when none)."""
-        bio = self._bio
+        bio = self._wbio
         if bio is not None:
             # One call in the common case: read straight into the scratch
             # buffer (an empty memory BIO just returns -1), and ask the size
@@ -624,17 +606,17 @@ class TLSEngine:
                 if n <= 0:
                     return b""
                 if n > COMPACT_MIN:
-                    self._bio_high = True
+                    self.wants_compaction = True
                 return _unpack(buf, n)
-            self._bio_high = True
+            self.wants_compaction = True
             first = _unpack(buf, n)
-            rest = _BIO_pending(bio, _NULL)
+            rest = _BIO_get_mem_data(bio, _NULL)
             if rest <= 0:
                 return first
             more = _new_buffer("char[]", rest)
             got = _BIO_read(bio, more, rest)
             return first + _unpack(more, got) if got > 0 else first
-        if self._detached:
+        if self.detached:
             return b""  # no BIO, so nothing was written since compact()
         out: list[bytes] = []
         try:
@@ -649,11 +631,6 @@ class TLSEngine:
 
     # -- memory ----------------------------------------------------------
 
-    @property
-    def wants_compaction(self) -> bool:
-        """The BIOs grew past COMPACT_MIN; :meth:`compact` would give memory back."""
-        return self._bio_high
-
     def compact(self) -> bool:
         """Free both memory BIOs of an idle, established connection.  True if it did.
 
@@ -666,27 +643,27 @@ class TLSEngine:
         BIOs at once.  The owner decides when (tlsuv.pending's compaction).
         """
         ptr = self._ptr
-        if not self._bio_high or ptr is None or self.state is not ESTABLISHED or self._deferred:
+        if not self.wants_compaction or ptr is None or self.state is not ESTABLISHED or self.deferred:
             return False
-        if _BIO_pending(self._rbio, _NULL) or _BIO_pending(self._bio, _NULL) or _SSL_pending(ptr):
+        if _BIO_get_mem_data(self._rbio, _NULL) or _BIO_get_mem_data(self._wbio, _NULL) or _SSL_pending(ptr):
             return False
         if not _o.drop_bios(self.ssl):
             return False
-        self._ptr = self._rbio = self._bio = None
-        self._detached = True
-        self._bio_high = False
+        self._ptr = self._rbio = self._wbio = None
+        self.detached = True
+        self.wants_compaction = False
         return True
 
     def _attach(self) -> None:
         """Give a compacted connection new BIOs and its fast path back."""
-        if _o.fresh_bios(self.ssl) is None:  # pragma: no cover - out of memory
+        if not _o.fresh_bios(self.ssl):  # pragma: no cover - out of memory
             raise MemoryError("OpenSSL could not allocate memory BIOs")
         handles = _o.fast_handles(self.ssl)
         assert handles is not None  # compact() only detaches on the fast path
-        self._ptr, self._rbio, self._bio = handles
-        self._detached = False
+        self._ptr, self._rbio, self._wbio = handles
+        self.detached = False
         # Idle again later, it should give them back again.
-        self._bio_high = True
+        self.wants_compaction = True
 
     # -- control ---------------------------------------------------------
 
@@ -703,9 +680,9 @@ class TLSEngine:
             raise TLSError("cannot send close_notify before the handshake completed")
         if self.state not in (ESTABLISHED, PEER_CLOSED):
             return
-        if self._deferred and not self.retry_deferred():
+        if self.deferred and not self.retry_deferred():
             return
-        if self._detached:
+        if self.detached:
             self._attach()
         try:
             self.ssl.shutdown()
@@ -727,7 +704,7 @@ class TLSEngine:
             raise TLSError("renegotiation needs TLS 1.2 (TLS 1.3 has no renegotiation)")
         if self.ssl.renegotiate_pending():
             return False
-        if self._detached:
+        if self.detached:
             self._attach()
         try:
             if not self.ssl.renegotiate():
@@ -742,8 +719,8 @@ class TLSEngine:
     def _fail(self, exc: SSL.Error) -> TLSError:
         was = self.state
         self.state = FAILED  # from any state: the guard is for orderly moves
-        self._deferred = None
-        self._deferred_bytes = 0
+        self.deferred = None
+        self.deferred_bytes = 0
         reason = describe_openssl_error(exc)
         cls = HandshakeError if was is HANDSHAKING else TLSError
         if isinstance(exc, SSL.SysCallError):
@@ -768,10 +745,10 @@ class TLSEngine:
         TLS 1.2's before encryption are plaintext records; a TLS 1.3 alert
         after the handshake is encrypted and cannot be named here.
         """
-        if self._bio is None:
+        if self._wbio is None:
             return None
         pp = _o.new_buffer("char **")
-        n = int(_o.BIO_get_mem_data(self._bio, pp))
+        n = int(_BIO_get_mem_data(self._wbio, pp))
         if n < 7:
             return None
         head = bytes(_o.unpack(pp[0], 7))
@@ -782,12 +759,16 @@ class TLSEngine:
     # -- introspection ---------------------------------------------------
 
     @property
+    def _negotiated(self) -> bool:
+        return self.handshake_completed and self.state is not FAILED
+
+    @property
     def version(self) -> str | None:
-        return self.ssl.get_protocol_version_name() if self.established else None
+        return self.ssl.get_protocol_version_name() if self._negotiated else None
 
     @property
     def cipher(self) -> str | None:
-        return self.ssl.get_cipher_name() if self.established else None
+        return self.ssl.get_cipher_name() if self._negotiated else None
 
     @property
     def renegotiations(self) -> int:

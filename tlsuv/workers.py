@@ -94,7 +94,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import pyuv
 
 from . import _cli
-from .proxy import DEFAULT_TIMEOUT, LOOPBACK, IPNetwork, ProxyOptions, parse_networks
+from ._uv import format_address
 from .server import DEFAULT_BACKLOG, Server, ServerError
 
 if TYPE_CHECKING:
@@ -286,8 +286,8 @@ class Supervisor:
             sock.bind((self.host, self.port))
         except OSError as exc:
             sock.close()
-            shown = f"[{self.host}]" if ":" in self.host else self.host
-            raise ServerError(f"cannot listen on {shown}:{self.port}: {exc.strerror or exc}") from exc
+            raise ServerError(f"cannot listen on {format_address((self.host, self.port))}: "
+                              f"{exc.strerror or exc}") from exc
         self._reservation = sock
         name = sock.getsockname()
         self.address = (str(name[0]), int(name[1]))
@@ -302,7 +302,7 @@ class Supervisor:
         self.bind()
         self._on_ready = on_ready
         assert self.address is not None
-        log.info("starting %d workers on %s", len(self.workers), _fmt(self.address))
+        log.info("starting %d workers on %s", len(self.workers), format_address(self.address))
         self._selector = selectors.DefaultSelector()
         self._install_signals()
         try:
@@ -372,7 +372,7 @@ class Supervisor:
                 if key.data is None:
                     _drain_fd(key.fd)
                 else:
-                    self._on_message(key.data)
+                    self._read_messages(key.data)
         # None: the worker was down (waiting for its restart) when the drain began.
         failed = [w for w in self.workers if w.status not in (None, 0)]
         if self.stats_interval is not None:
@@ -477,9 +477,6 @@ class Supervisor:
             return
         with contextlib.suppress(OSError):  # it just died: the reaper will see it
             w.channel.send(json.dumps(message).encode())
-
-    def _on_message(self, w: _Worker) -> None:
-        self._read_messages(w)
 
     def _read_messages(self, w: _Worker) -> None:
         channel = w.channel
@@ -687,10 +684,6 @@ def _drain_fd(fd: int) -> None:
             pass
 
 
-def _fmt(addr: tuple[str, int]) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
 
 class _WorkerTag(logging.Filter):
     """Prefix a worker's log lines with its number, so interleaved output stays readable."""
@@ -761,13 +754,6 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _networks(text: str) -> tuple[IPNetwork, ...]:
-    try:
-        return parse_networks(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scale-out flags of ``python -m tlsuv.echo``."""
     g = parser.add_argument_group("scaling out")
@@ -777,28 +763,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stats-interval", type=_cli.positive_float, default=None, metavar="SECONDS",
                    help="log open connections, accepted and failed handshakes, bytes in and out "
                         "every SECONDS (summed over workers)")
-    g.add_argument("--proxy-protocol", action="store_true",
-                   help="every connection starts with a PROXY protocol v1/v2 header (behind HAProxy "
-                        "or another L4 balancer); the handler sees the client's address")
-    g.add_argument("--proxy-from", type=_networks, default=None, metavar="CIDR[,CIDR]",
-                   help="balancers allowed to send the header (default 127.0.0.0/8,::1); "
-                        "others are refused")
-    g.add_argument("--proxy-timeout", type=_cli.positive_float, default=None, metavar="SECONDS",
-                   help=f"drop a connection whose header is not complete by then "
-                        f"(default {DEFAULT_TIMEOUT:g})")
-
-
-def proxy_options(args: argparse.Namespace, prog: str = "python -m tlsuv.echo") -> ProxyOptions | None:
-    """The :class:`ProxyOptions` the flags ask for (None without ``--proxy-protocol``)."""
-    if not args.proxy_protocol:
-        for flag, value in (("--proxy-from", args.proxy_from), ("--proxy-timeout", args.proxy_timeout)):
-            if value is not None:
-                _cli.fail(f"{prog}: error: {flag} needs --proxy-protocol")
-        return None
-    return ProxyOptions(
-        allow_from=args.proxy_from if args.proxy_from is not None else LOOPBACK,
-        timeout=args.proxy_timeout if args.proxy_timeout is not None else DEFAULT_TIMEOUT,
-    )
 
 
 def run_cli(
@@ -823,7 +787,6 @@ __all__ = [
     "add_arguments",
     "available_cpus",
     "log_stats_every",
-    "proxy_options",
     "run",
     "run_cli",
     "worker_count",

@@ -40,7 +40,7 @@ def pair() -> tuple[TLSEngine, SSL.Connection]:
         back = engine.data_to_send()
         if back:
             peer.bio_write(back)
-    assert engine.established
+    assert engine.handshake_completed
     return engine, peer
 
 
