@@ -21,7 +21,7 @@ import weakref
 from typing import Any
 
 import pytest
-from conftest import Certs
+from conftest import Certs, require_speedups
 from memory_peers import PlainPeer
 from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
@@ -30,10 +30,11 @@ from tlsuv import _openssl
 from tlsuv import tls as tls_module
 
 speedups: Any = _openssl.SPEEDUPS
-if speedups is None:
-    if os.environ.get("TLSUV_REQUIRE_SPEEDUPS") == "1" and not os.environ.get("TLSUV_NO_EXTENSIONS"):
-        raise RuntimeError(f"TLSUV_REQUIRE_SPEEDUPS=1 but the data path is {_openssl.data_path()}")
-    pytestmark = pytest.mark.skip(reason=f"tlsuv._speedups not in use: {_openssl.data_path()}")
+
+
+@pytest.fixture(autouse=True)
+def _compiled_path() -> None:
+    require_speedups()
 
 
 class Server:

@@ -6,7 +6,7 @@ import random
 from typing import Any
 
 import pytest
-from conftest import Certs
+from conftest import Certs, require_speedups
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from memory_peers import PlainPeer, pump
@@ -20,17 +20,23 @@ from tlsuv.tls import OUTPUT_MAX, InvalidTransition, State, TLSEngine
 VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
 
 
-@pytest.fixture(autouse=True, params=["fast", "public"])
+@pytest.fixture(autouse=True, params=["compiled", "fast", "public"])
 def io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run every core test twice: on the direct OpenSSL hot path, and on pyOpenSSL's public API.
+    """Run every core test on three paths: compiled, direct OpenSSL calls, pyOpenSSL's public API.
 
-    The public path is what tlsuv falls back to if pyOpenSSL's private binding
-    changes; both must behave identically.
+    "compiled" is tlsuv._speedups (skipped where it is not built, unless
+    TLSUV_REQUIRE_SPEEDUPS=1); "fast" the same steps in Python through
+    pyOpenSSL's cffi binding (the reference, and what runs without the
+    extension); "public" what tlsuv falls back to if pyOpenSSL's private
+    binding changes.  All three must behave identically.
     """
     if request.param == "public":
         monkeypatch.setattr(tlsuv_openssl, "fast_handles", lambda conn: None)
-    else:
+    elif request.param == "fast":
         assert tlsuv_openssl.FAST_IO, "this pyOpenSSL should offer the fast path"
+        monkeypatch.setattr(tlsuv_openssl, "SPEEDUPS", None)
+    else:
+        require_speedups()
     return str(request.param)
 
 
@@ -45,7 +51,8 @@ def make_pair(certs: Certs, version: str = "TLSv1.3",
 
 def test_the_path_under_test_is_the_one_in_use(certs: Certs, io_path: str) -> None:
     engine = TLSEngine(certs.server_context())
-    assert (engine._ptr is not None) == (io_path == "fast")
+    assert (engine._ptr is not None) == (io_path != "public")
+    assert engine.compiled == (io_path == "compiled")
 
 
 def state(engine: TLSEngine) -> State:
@@ -116,7 +123,7 @@ def test_output_view_carries_the_same_records_as_data_to_send(certs: Certs, size
     first = bytes(view)  # copied before any other engine call, as the contract says
     rest = engine.data_to_send() if len(view) >= OUTPUT_MAX else b""
     assert (len(view) >= OUTPUT_MAX) == (size > OUTPUT_MAX - 1000)
-    if io_path == "fast":
+    if io_path != "public":
         assert len(view) <= OUTPUT_MAX, "the direct path drains through the scratch buffer"
     assert len(engine.output_view()) == 0, "the BIO must be drained"
     peer.incoming(first + rest)
@@ -134,7 +141,7 @@ def test_records_read_together_come_out_as_few_chunks(certs: Certs, records: int
         assert peer.send(p)  # one full record each
     chunks = engine.receive(peer.outgoing())
     assert b"".join(chunks) == b"".join(payloads)
-    if io_path == "fast":
+    if io_path != "public":
         if 16384 * records <= OUTPUT_MAX - 16384:
             assert len(chunks) == 1
         else:  # 320 KiB: split where the scratch buffer is full, still far fewer than records
@@ -288,7 +295,7 @@ def test_bad_handshake_record_leaves_an_alert_for_the_peer(certs: Certs, io_path
         engine.receive(b"\x16\x03\x01" + len(body).to_bytes(2, "big") + body)
     assert info.value.reason
     # Naming the alert needs a look into the outgoing BIO, which only the direct path has.
-    assert info.value.alert == ("decode_error" if io_path == "fast" else None)
+    assert info.value.alert == ("decode_error" if io_path != "public" else None)
     alert = engine.data_to_send()
     assert alert[:1] == b"\x15", f"expected an alert record, got {alert!r}"
     assert alert[5:7] == b"\x02\x32", "fatal (2) decode_error (50)"
@@ -361,7 +368,7 @@ def test_compaction_frees_the_bios_and_the_connection_keeps_working(
 def test_renegotiation_after_compaction(certs: Certs, io_path: str) -> None:
     engine, peer = make_pair(certs, "TLSv1.2")
     pump(engine, peer)
-    assert engine.compact() == (io_path == "fast")
+    assert engine.compact() == (io_path != "public")
     assert engine.renegotiate()
     got = bytearray()
     for _ in range(5):
@@ -380,7 +387,7 @@ def test_compaction_waits_for_the_handshake_and_the_deferred_writes(certs: Certs
     assert not engine.compact(), "not during the handshake, nor with a deferred write"
     pump(engine, peer)
     assert bytes(peer.received) == b"deferred until the handshake"
-    assert engine.compact() == (io_path == "fast")
+    assert engine.compact() == (io_path != "public")
 
 
 def test_renegotiation_refused_on_tls13(certs: Certs) -> None:

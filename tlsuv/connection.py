@@ -806,6 +806,9 @@ class Connection:
         the kernel does not take goes to uv_write as before.
         """
         tls = self._tls
+        if tls.compiled:
+            self._flush_compiled(tls)
+            return
         # Straight from the scratch buffer to the socket: bytes are made only
         # for what the kernel does not take now (libuv keeps those).
         view = tls.output_view()
@@ -842,6 +845,38 @@ class Connection:
             rest = bytes(data[n:])
         else:
             rest = bytes(data)
+        try:
+            tcp.write(rest, self._on_write)
+        except pyuv.error.UVError as exc:
+            self._abort(TransportError(f"write failed: {uv_error_text(exc)}"), cause=exc)
+
+    def _flush_compiled(self, tls: TLSEngine) -> None:
+        """:meth:`_flush` on the compiled path: the BIO drained and write(2) made in one C call."""
+        tcp = self._tcp
+        fd = self._fd
+        if fd < 0:
+            with contextlib.suppress(pyuv.error.UVError):
+                fd = self._fd = tcp.fileno()
+        result = tls.output_to(fd if tcp.write_queue_size == 0 else -1)
+        self._unflushed = 0
+        if tls.wants_compaction and not self._compact_queued:
+            self._compact_queued = True
+            self._pending.compact_later(self)
+        if isinstance(result, int):
+            if not result:
+                return
+            size, rest = result, None
+        else:
+            size, rest = result
+        self.bytes_out += size
+        if self._phase is P_OPEN and self._timer is not None:  # the idle deadline counts from here
+            self._last_activity = tcp.loop.now()
+        if rest is None:
+            return
+        if isinstance(rest, int):
+            exc = OSError(rest, os.strerror(rest))
+            self._abort(TransportError(f"write failed: {exc.strerror}", errno=rest), cause=exc)
+            return
         try:
             tcp.write(rest, self._on_write)
         except pyuv.error.UVError as exc:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import pyuv
 
 from . import _cli, policy, workers
+from ._openssl import data_path
 from ._uv import format_address
 from .certs import CertificateError, load_bundle, self_signed
 from .connection import Connection, ConnectionOptions
@@ -80,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.cert is None) != (args.key is None):
         _cli.fail("python -m tlsuv.echo: error: --cert and --key go together")
     _cli.setup_logging(args.log_level)
+    log.debug("data path: %s", data_path())
     try:
         bundle = load_bundle(args.cert, args.key) if args.cert is not None else self_signed()
         context = policy.context_from_args(args, bundle)
