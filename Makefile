@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 4433
 PYTEST_ARGS ?=
 
-.PHONY: all setup run test lint soak bench clean
+.PHONY: all setup run test test-pure lint soak bench clean memcheck asan hypothesis-long
 
 all: test
 
@@ -17,8 +17,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# The stamp depends on what decides the install: re-run when they change.
-$(STAMP): $(PY) pyproject.toml scripts/build_pyuv.py
+# The stamp depends on what decides the install: re-run when they change.  The
+# editable install also builds the optional C extension (setup.py) in place.
+$(STAMP): $(PY) pyproject.toml setup.py tlsuv/_speedups.c scripts/build_pyuv.py
 	$(PY) scripts/build_pyuv.py $(WHEELS)
 	$(PY) -m pip install --quiet --find-links $(WHEELS) "pyuv==1.4.0"
 	$(PY) -m pip install --quiet --find-links $(WHEELS) -e ".[dev]"
@@ -31,6 +32,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The whole suite on the pure-Python data path (CI runs both).
+test-pure: $(STAMP)
+	TLSUV_NO_EXTENSIONS=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tlsuv tests scripts
@@ -52,5 +57,29 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 bench: $(BENCH_STAMP)
 	PYTHONPATH=scripts $(PY) -m bench $(BENCH_ARGS)
 
+# The compiled data path's safety runs (docs/performance.md, "The compiled data path").
+# memcheck: its own tests and the core tests on the compiled path under valgrind;
+# asan: the whole suite with the extension built with AddressSanitizer and UBSan;
+# hypothesis-long: the chunking property test with 2000 examples on the compiled path.
+MEMCHECK_TESTS ?= tests/test_speedups.py tests/test_tls_core.py -k "compiled or not io_path"
+memcheck: $(STAMP)
+	TLSUV_REQUIRE_SPEEDUPS=1 $(PY) scripts/memcheck.py $(MEMCHECK_TESTS) -q $(PYTEST_ARGS)
+
+ASAN_DIR := build/asan
+ASAN_CFLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+asan: $(STAMP)
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)/tlsuv
+	cp tlsuv/*.py tlsuv/py.typed $(ASAN_DIR)/tlsuv/
+	$(CC) -shared -fPIC -Wall -Wextra $(ASAN_CFLAGS) \
+		-I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" tlsuv/_speedups.c \
+		-o "$(ASAN_DIR)/tlsuv/_speedups$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+	PYTHONPATH=$(ASAN_DIR) $(PY) -c 'import tlsuv._speedups as m, sys; sys.exit("$(ASAN_DIR)" not in m.__file__)'
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 PYTHONMALLOC=malloc \
+		PYTHONPATH=$(ASAN_DIR) TLSUV_REQUIRE_SPEEDUPS=1 $(PY) -m pytest -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+
+hypothesis-long: $(STAMP)
+	TLSUV_REQUIRE_SPEEDUPS=1 TLSUV_HYPOTHESIS_EXAMPLES=2000 \
+		$(PY) -m pytest tests/test_tls_core.py -k "random_chunking and compiled" -q $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache tlsuv/_speedups*.so

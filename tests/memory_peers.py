@@ -78,7 +78,7 @@ def chunks(data: bytes, sizes: ChunkSizes) -> Iterator[bytes]:
 
 def drain(engine: TLSEngine) -> bytes:
     """The engine's output, as its owner takes it: through the compiled flush when that runs."""
-    if not engine.compiled:
+    if engine.pipe is None:
         return engine.data_to_send()
     result = engine.output_to(-1)  # no descriptor: everything comes back as bytes
     if result == 0:

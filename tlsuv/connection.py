@@ -806,7 +806,7 @@ class Connection:
         the kernel does not take goes to uv_write as before.
         """
         tls = self._tls
-        if tls.compiled:
+        if tls.pipe is not None:
             self._flush_compiled(tls)
             return
         # Straight from the scratch buffer to the socket: bytes are made only
@@ -845,13 +845,10 @@ class Connection:
             rest = bytes(data[n:])
         else:
             rest = bytes(data)
-        try:
-            tcp.write(rest, self._on_write)
-        except pyuv.error.UVError as exc:
-            self._abort(TransportError(f"write failed: {uv_error_text(exc)}"), cause=exc)
+        self._queue_write(rest)
 
     def _flush_compiled(self, tls: TLSEngine) -> None:
-        """:meth:`_flush` on the compiled path: the BIO drained and write(2) made in one C call."""
+        """:meth:`_flush` on the compiled path: the drain and the write(2) in one C call."""
         tcp = self._tcp
         fd = self._fd
         if fd < 0:
@@ -863,22 +860,25 @@ class Connection:
             self._compact_queued = True
             self._pending.compact_later(self)
         if isinstance(result, int):
-            if not result:
-                return
-            size, rest = result, None
-        else:
-            size, rest = result
-        self.bytes_out += size
-        if self._phase is P_OPEN and self._timer is not None:  # the idle deadline counts from here
-            self._last_activity = tcp.loop.now()
-        if rest is None:
+            if result:
+                self.bytes_out += result
+                if self._phase is P_OPEN and self._timer is not None:
+                    self._last_activity = tcp.loop.now()
             return
-        if isinstance(rest, int):
+        size, rest = result
+        self.bytes_out += size
+        if self._phase is P_OPEN and self._timer is not None:
+            self._last_activity = tcp.loop.now()
+        if isinstance(rest, int):  # write(2) failed with this errno
             exc = OSError(rest, os.strerror(rest))
             self._abort(TransportError(f"write failed: {exc.strerror}", errno=rest), cause=exc)
             return
+        self._queue_write(rest)
+
+    def _queue_write(self, rest: bytes) -> None:
+        """What the kernel did not take goes to libuv, which keeps the order."""
         try:
-            tcp.write(rest, self._on_write)
+            self._tcp.write(rest, self._on_write)
         except pyuv.error.UVError as exc:
             self._abort(TransportError(f"write failed: {uv_error_text(exc)}"), cause=exc)
 

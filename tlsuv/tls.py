@@ -220,13 +220,14 @@ class TLSEngine:
     ``deferred`` (plaintext OpenSSL could not take yet, oldest first, or
     None) and ``deferred_bytes`` (its size), ``wants_compaction``
     (:meth:`compact` would give memory back), ``detached`` (it did, and the
-    BIOs come back on the next use), ``handshake_completed`` (sticky).
+    BIOs come back on the next use), ``handshake_completed`` (sticky),
+    ``pipe`` (the compiled data path, tlsuv._speedups, or None: then
+    :meth:`output_to` is how the owner flushes).
     """
 
     # Public attributes are read-only for everyone but the engine: one surface
     # for the owner and the tests, at the cost of a slot like any private one.
     __slots__ = (
-        "_pipe",
         "_ptr",
         "_rbio",
         "_wbio",
@@ -234,6 +235,7 @@ class TLSEngine:
         "deferred_bytes",
         "detached",
         "handshake_completed",
+        "pipe",
         "read_after_shutdown",
         "server_side",
         "ssl",
@@ -277,9 +279,9 @@ class TLSEngine:
         self._wbio: Any = None
         if handles is not None:
             self._ptr, self._rbio, self._wbio = handles
-        # The compiled data path over the same SSL* and BIOs (tlsuv._speedups),
-        # or None: receive, write and output_to use it when it is there.
-        self._pipe: Any = _o.new_pipe(self.ssl, handles) if handles is not None else None
+        # The compiled data path over the same SSL* and BIOs (a tlsuv._speedups
+        # Pipe), or None: receive, write and output_to use it when it is there.
+        self.pipe: Any = _o.new_pipe(self.ssl, handles) if handles is not None else None
         _o.release_idle_buffers(self.ssl)
         _o.whole_writes(self.ssl)
         # compact() would give memory back: a BIO held more than COMPACT_MIN,
@@ -325,7 +327,7 @@ class TLSEngine:
         ptr = self._ptr
         if ptr is None or self.state is not ESTABLISHED:
             return self._receive_other(data)
-        pipe = self._pipe
+        pipe = self.pipe
         if pipe is not None:
             # Compiled: the steps below and _read_records' loop in one call;
             # anything but WANT_READ comes back here to be mapped.
@@ -507,7 +509,7 @@ class TLSEngine:
             # message (callgrind counts it in the 64-connection ping-pong).
             # Both go through _SSL_write, so one patched symbol reaches both.
             size = len(data)
-            pipe = self._pipe
+            pipe = self.pipe
             # cffi: bytes to void*, no copy; or the compiled path, the same call.
             n = _SSL_write(ptr, data, size) if pipe is None else pipe.write(data)
             if n == size:
@@ -623,15 +625,10 @@ class TLSEngine:
             self.wants_compaction = True
         return scratch.view[:n]
 
-    @property
-    def compiled(self) -> bool:
-        """The compiled data path (tlsuv._speedups) serves this engine now: :meth:`output_to` works."""
-        return self._pipe is not None
-
     def output_to(self, fd: int) -> int | tuple[int, bytes | int]:
         """Drain the outgoing BIO and write(2) it to ``fd`` at once, in one compiled call.
 
-        Only while :attr:`compiled`; the owner's socket must be non-blocking
+        Only while :attr:`pipe` is not None; the owner's socket must be non-blocking
         and have nothing queued before it (or pass -1 to write nothing).
         Returns how many bytes were drained when all of them went out (0:
         none waited); ``(drained, rest)`` when the kernel did not take
@@ -639,7 +636,7 @@ class TLSEngine:
         write(2) failed.  The engine itself still does no I/O: the owner
         hands it the descriptor.
         """
-        result = self._pipe.flush(fd)
+        result = self.pipe.flush(fd)
         if (result if type(result) is int else result[0]) > COMPACT_MIN:
             self.wants_compaction = True
         return result  # type: ignore[no-any-return]
@@ -698,9 +695,9 @@ class TLSEngine:
             return False
         if _BIO_get_mem_data(self._rbio, _NULL) or _BIO_get_mem_data(self._wbio, _NULL) or _SSL_pending(ptr):
             return False
-        pipe = self._pipe
+        pipe = self.pipe
         if pipe is not None:  # it must never see the BIOs drop_bios frees
-            self._pipe = None
+            self.pipe = None
             pipe.close()
         if not _o.drop_bios(self.ssl):
             return False
@@ -716,7 +713,7 @@ class TLSEngine:
         handles = _o.fast_handles(self.ssl)
         assert handles is not None  # compact() only detaches on the fast path
         self._ptr, self._rbio, self._wbio = handles
-        self._pipe = _o.new_pipe(self.ssl, handles)
+        self.pipe = _o.new_pipe(self.ssl, handles)
         self.detached = False
         # Idle again later, it should give them back again.
         self.wants_compaction = True
