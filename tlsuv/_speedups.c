@@ -337,28 +337,41 @@ Pipe_write(PipeObject *self, PyObject *data)
 }
 
 PyDoc_STRVAR(Pipe_flush_doc,
-"flush(fd, /) -> int | tuple[int, bytes | int]\n\
+"flush(fd, most=-1, /) -> int | tuple[int, bytes | int] | None\n\
 \n\
 Drain the outgoing BIO.  With ``fd`` >= 0 (a non-blocking socket whose\n\
 libuv write queue is empty) write(2) it there at once.  Returns the number\n\
 of bytes drained when all of them were written (0: there was nothing);\n\
 ``(drained, rest)`` when the kernel did not take ``rest`` (bytes, for libuv\n\
 to queue; everything when ``fd`` < 0); ``(drained, errno)`` when write(2)\n\
-failed.");
+failed.  With ``most`` >= 0, returns None and leaves the BIO alone when it\n\
+holds more than ``most`` bytes.");
 
 static PyObject *
-Pipe_flush(PipeObject *self, PyObject *fd_obj)
+Pipe_flush(PipeObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    long fd = PyLong_AsLong(fd_obj);
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "flush() takes 1 or 2 arguments (fd, most)");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
     if (fd == -1 && PyErr_Occurred())
         return NULL;
     if (fd > INT_MAX) {
         PyErr_SetString(PyExc_OverflowError, "flush(): not a file descriptor");
         return NULL;
     }
+    long most = -1;
+    if (nargs == 2) {
+        most = PyLong_AsLong(args[1]);
+        if (most == -1 && PyErr_Occurred())
+            return NULL;
+    }
     if (!pipe_usable(self))
         return NULL;
     BIO *wbio = self->wbio;
+    if (most >= 0 && ossl.BIO_get_mem_data(wbio, NULL) > most)
+        Py_RETURN_NONE;
     char *buf = scratch_take();
     if (buf == NULL)
         return NULL;
@@ -431,7 +444,7 @@ Pipe_flush(PipeObject *self, PyObject *fd_obj)
 static PyMethodDef Pipe_methods[] = {
     {"receive", (PyCFunction)(void (*)(void))Pipe_receive, METH_FASTCALL, Pipe_receive_doc},
     {"write", (PyCFunction)Pipe_write, METH_O, Pipe_write_doc},
-    {"flush", (PyCFunction)Pipe_flush, METH_O, Pipe_flush_doc},
+    {"flush", (PyCFunction)(void (*)(void))Pipe_flush, METH_FASTCALL, Pipe_flush_doc},
     {"close", (PyCFunction)Pipe_close, METH_NOARGS,
      "Forget the SSL* and BIOs (before they are freed or replaced); every later call raises."},
     {NULL, NULL, 0, NULL},
