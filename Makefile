@@ -61,7 +61,7 @@ bench: $(BENCH_STAMP)
 # memcheck: its own tests and the core tests on the compiled path under valgrind;
 # asan: the whole suite with the extension built with AddressSanitizer and UBSan;
 # hypothesis-long: the chunking property test with 2000 examples on the compiled path.
-MEMCHECK_TESTS ?= tests/test_speedups.py tests/test_tls_core.py -k "compiled or not io_path"
+MEMCHECK_TESTS ?= tests/test_speedups.py tests/test_tls_core.py tests/test_server.py -k "not fast and not public and not pure"
 memcheck: $(STAMP)
 	TLSUV_REQUIRE_SPEEDUPS=1 $(PY) scripts/memcheck.py $(MEMCHECK_TESTS) -q $(PYTEST_ARGS)
 
