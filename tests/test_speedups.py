@@ -148,6 +148,26 @@ def test_chunks_are_bounded_by_the_scratch_buffer(certs: Certs, records: int) ->
     assert [len(c) for c in out] == expected
 
 
+@pytest.mark.parametrize("tail", [0, 1, 100, 20_000, 40_000])
+def test_a_record_openssl_holds_and_more_behind_it_come_out_as_one_chunk(certs: Certs, tail: int) -> None:
+    """Large inputs are decrypted straight into the bytes handed over; when part of a record was
+    read earlier (OpenSSL holds it) and more records follow, the chunk grows instead of splitting."""
+    server, peer = handshake(certs)
+    first = random.Random(1).randbytes(16384)
+    rest = random.Random(2).randbytes(tail)
+    assert peer.send(first)
+    record = peer.outgoing()
+    if rest:
+        assert peer.send(rest)
+    behind = peer.outgoing()
+    out: list[bytes] = []
+    assert server.pipe.receive(record[:12_000], out) == 1 and out == [], "a partial record: nothing yet"
+    second = record[12_000:] + behind
+    assert len(second) >= 4096, "the direct path"
+    assert server.pipe.receive(second, out) == 1
+    assert out == [first + rest]
+
+
 def test_close_notify_is_handed_back_with_the_data_before_it(pair: tuple[Server, PlainPeer]) -> None:
     server, peer = pair
     assert peer.send(b"last words")

@@ -149,6 +149,23 @@ def test_records_read_together_come_out_as_few_chunks(certs: Certs, records: int
             assert 1 < len(chunks) < records
 
 
+@pytest.mark.parametrize("tail", [1, 20_000])
+def test_the_rest_of_a_record_and_more_behind_it_are_one_chunk(certs: Certs, tail: int, io_path: str) -> None:
+    """Part of a record read earlier (OpenSSL holds it), then its rest and more records in one read:
+    one chunk on the direct paths, whichever buffer the plaintext is decrypted into."""
+    engine, peer = make_pair(certs)
+    pump(engine, peer)
+    first, rest = random.Random(1).randbytes(16384), random.Random(2).randbytes(tail)
+    assert peer.send(first)
+    record = peer.outgoing()
+    assert peer.send(rest)
+    assert engine.receive(record[:12_000]) == []
+    chunks = engine.receive(record[12_000:] + peer.outgoing())
+    assert b"".join(chunks) == first + rest
+    if io_path != "public":
+        assert len(chunks) == 1
+
+
 # 40 per path in `make test`; `make hypothesis-long` asks for 2000 on the compiled path.
 @settings(max_examples=int(os.environ.get("TLSUV_HYPOTHESIS_EXAMPLES", "40")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
