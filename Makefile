@@ -79,7 +79,7 @@ asan: $(STAMP)
 
 hypothesis-long: $(STAMP)
 	TLSUV_REQUIRE_SPEEDUPS=1 TLSUV_HYPOTHESIS_EXAMPLES=2000 \
-		$(PY) -m pytest tests/test_tls_core.py -k "random_chunking and compiled" -q $(PYTEST_ARGS)
+		$(PY) -m pytest tests/test_tls_core.py -k "random_chunking and compiled" --timeout 3600 --hypothesis-show-statistics -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache tlsuv/_speedups*.so
