@@ -1,15 +1,19 @@
 # Two commands on a fresh machine: `make run` and `make test`.  Everything they
 # need (the venv, the patched pyuv wheel, the package) is built here, once.
 PYTHON ?= python3
-VENV := .venv
+# One venv per interpreter, so that `make test PYTHON=python3.13` never reuses a 3.11 .venv.
+VENV ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(notdir $(PYTHON)))
 PY := $(VENV)/bin/python
 WHEELS := .wheels
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 4433
 PYTEST_ARGS ?=
+DIST ?= dist
+# Where each test run says which interpreter it used (CI runs several).
+SAY_PYTHON = @$(PY) -c 'import sys; print(f"== {sys.argv[1]} on {sys.executable}, Python {sys.version.split()[0]}")'
 
-.PHONY: all setup run test test-pure lint soak bench clean memcheck asan hypothesis-long
+.PHONY: all setup run test test-pure test-core lint soak bench dist clean memcheck asan hypothesis-long
 
 all: test
 
@@ -17,11 +21,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# The stamp depends on what decides the install: re-run when they change.  The
-# editable install also builds the optional C extension (setup.py) in place.
+# The stamp depends on what decides the install: re-run when they change.  tlsuv's
+# runtime dependencies are downloaded as wheels beside pyuv's: `make dist` needs no network.
+# The editable install also builds the optional C extension (setup.py) in place.
 $(STAMP): $(PY) pyproject.toml setup.py tlsuv/_speedups.c scripts/build_pyuv.py
 	$(PY) scripts/build_pyuv.py $(WHEELS)
-	$(PY) -m pip install --quiet --find-links $(WHEELS) "pyuv==1.4.0"
+	$(PY) -m pip download --quiet --dest $(WHEELS) --find-links $(WHEELS) .
 	$(PY) -m pip install --quiet --find-links $(WHEELS) -e ".[dev]"
 	touch $(STAMP)
 
@@ -31,11 +36,32 @@ run: $(STAMP)
 	$(PY) -m tlsuv.echo --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
+	$(SAY_PYTHON) "make test"
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The whole suite on the pure-Python data path (CI runs both).
 test-pure: $(STAMP)
+	$(SAY_PYTHON) "make test-pure"
 	TLSUV_NO_EXTENSIONS=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# What CI runs on every supported interpreter besides the default: the I/O-free core and
+# the packaging round trip (make dist, an offline install, one TLS echo over loopback
+# through the installed console script).
+CORE_TESTS := tests/test_tls_core.py tests/test_proxy.py tests/test_packaging.py
+test-core: $(STAMP)
+	$(SAY_PYTHON) "make test-core"
+	$(PY) -m pytest -m "not slow" $(CORE_TESTS) $(PYTEST_ARGS)
+
+# Everything `pip install --no-index --find-links dist tlsuv` needs, for this venv's
+# Python: tlsuv's sdist and wheel (the wheel built from the sdist, which checks the sdist
+# is complete), the patched pyuv wheel, and the wheels of tlsuv's other dependencies.
+# Offline: setup already put those in $(WHEELS).  `make dist PYTHON=python3.12` adds
+# that interpreter's wheels to the same directory.
+dist: $(STAMP)
+	rm -f $(DIST)/tlsuv-*
+	$(PY) -m build --no-isolation --outdir $(DIST) .
+	$(PY) -m pip wheel --quiet --no-index --find-links $(WHEELS) --wheel-dir $(DIST) $(DIST)/tlsuv-*.whl
+	@ls -1 $(DIST)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tlsuv tests scripts
@@ -82,4 +108,4 @@ hypothesis-long: $(STAMP)
 		$(PY) -m pytest tests/test_tls_core.py -k "random_chunking and compiled" --timeout 3600 --hypothesis-show-statistics -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache tlsuv/_speedups*.so
+	rm -rf $(VENV) build $(DIST) *.egg-info .pytest_cache .mypy_cache .ruff_cache tlsuv/_speedups*.so

@@ -1,4 +1,5 @@
-"""Real TLS clients for the loopback tests: asyncio + ssl, and pyOpenSSL over a socket."""
+"""Real TLS clients for the loopback tests: Python's ssl (blocking or asyncio), and pyOpenSSL
+over a socket.  They talk to a tlsuv server; tests/peers.py has tlsuv's client and its peers."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from conftest import Certs, recv_exactly
+from helpers import GREETING
 from OpenSSL import SSL
-
-GREETING = b"OK\r\n"
 
 
 async def echo_session(host: str, port: int, ctx: ssl.SSLContext, payload: bytes,
@@ -38,6 +39,29 @@ async def echo_session(host: str, port: int, ctx: ssl.SSLContext, payload: bytes
         # The server may close first; the echo is what is under test.
         with contextlib.suppress(ConnectionError, ssl.SSLError):
             await writer.wait_closed()
+
+
+def tls_client(certs: Certs, port: int) -> ssl.SSLSocket:
+    """Python's ssl, connected and verified, to a server on 127.0.0.1:``port``."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    # suppress_ragged_eofs=False: a TCP close without close_notify raises
+    # instead of looking like a clean end, so tests can tell the two apart.
+    return certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost",
+                                                  suppress_ragged_eofs=False)
+
+
+def echo_once(certs: Certs, port: int, payload: bytes = b"ping") -> int:
+    """One full, cleanly closed session with an echo server; returns the client's local port.
+
+    (tests/peers.py's :func:`~peers.client_echo_once` is the same with tlsuv's client.)
+    """
+    with tls_client(certs, port) as s:
+        local = int(s.getsockname()[1])
+        assert recv_exactly(s, len(GREETING)) == GREETING
+        s.sendall(payload)
+        assert recv_exactly(s, len(payload)) == payload
+        s.unwrap()  # close_notify, so the server counts a clean close
+    return local
 
 
 @dataclass
@@ -131,6 +155,18 @@ class RawTLSClient:
             self.got_close_notify = True
         self._flush()
         return True
+
+    def pump(self) -> None:
+        """Send what OpenSSL has for the server, then hand it one chunk from the socket, unread.
+
+        Unlike the other steps this does not call SSL_read: a handshake driven
+        by ``do_handshake`` and this leaves the client's last flight unsent.
+        """
+        self._flush()
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("server closed the connection")
+        self.ssl.bio_write(data)
 
     def handshake(self) -> None:
         while True:

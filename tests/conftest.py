@@ -13,9 +13,7 @@ import contextlib
 import os
 import socket
 import ssl
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +23,12 @@ from typing import Any
 import pytest
 import pyuv
 import trustme
+from helpers import wait_until
 from OpenSSL import SSL
 
 import tlsuv
 from tlsuv import _openssl
 from tlsuv.echo import echo_factory
-
-# scripts/ holds the benchmark and soak code, which some tests drive in short form.
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-if str(SCRIPTS) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS))
-
 
 # -- the two data paths ------------------------------------------------------------
 #
@@ -257,13 +250,30 @@ class ServerThread:
             raise value
         return value
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    def wait_for(self, predicate: Callable[[], object], timeout: float = 10.0,
+                 what: str = "a condition on the server's loop") -> None:
         """Poll ``predicate`` on the loop thread until it holds; fail after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while not self.call(predicate):
-            if time.monotonic() > deadline:
-                raise AssertionError("condition not reached in time")
-            time.sleep(0.01)
+        wait_until(lambda: self.call(predicate), timeout=timeout, what=what)
+
+    def pass_time(self, seconds: float, timeout: float = 10.0) -> None:
+        """Return once the loop has run every timer due within ``seconds`` from now.
+
+        libuv runs timers in order of due time (and of starting, among equals),
+        so a marker timer started now fires after every timer already due by
+        then: a test that something did *not* time out waits exactly that long,
+        on the server's own clock, instead of sleeping with a guessed margin.
+        """
+        fired = threading.Event()
+
+        def start() -> None:
+            def fire(timer: pyuv.Timer) -> None:
+                timer.close()
+                fired.set()
+
+            pyuv.Timer(self.loop).start(fire, seconds, 0.0)
+
+        self.call(start)
+        assert fired.wait(seconds + timeout), f"the server's loop did not get {seconds} s further"
 
     def open_handles(self) -> dict[str, int]:
         """Open libuv handles by type, e.g. {"TCP": 3, "Timer": 1}."""

@@ -14,16 +14,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import pytest
 import pyuv
+from helpers import GREETING
 
 import tlsuv
+from tlsuv.client import connect
 
-GREETING = b"OK\r\n"
 PYTHON_TLSUV = [sys.executable, "-m"]
 
 # Set by .ci/run: there a missing interop tool is a failure, not a skip.
@@ -70,7 +71,9 @@ class Interactive:
     def _pump(self, timeout: float) -> bool:
         """Read what is available within ``timeout``; False once both streams ended."""
         if not self._sel.get_map():
-            time.sleep(min(timeout, 0.01))
+            # Both streams ended: what is left to wait for is the process's exit.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
             return False
         for key, _ in self._sel.select(timeout):
             stream, buf = self._streams[key.fd]
@@ -307,8 +310,14 @@ def run_loop(loop: pyuv.Loop, conns: Sequence[tlsuv.Connection], timeout: float 
     assert not fired, f"connections still open after {timeout}s: {conns}"
 
 
-def one_client(loop: pyuv.Loop, connect: Callable[[ClientRecorder], tlsuv.Connection],
-               handler: ClientRecorder, timeout: float = 10.0) -> ClientRecorder:
-    conn = connect(handler)
-    run_loop(loop, [conn], timeout)
-    return handler
+def client_echo_once(loop: pyuv.Loop, port: int, host: str = "127.0.0.1", payload: bytes = b"ping",
+                     **kwargs: object) -> ClientRecorder:
+    """tlsuv's client against an echo server (PySSLServer, s_server): send, read the echo, close.
+
+    ``kwargs`` go to :func:`tlsuv.client.connect` (cafile, server_hostname, alpn...).
+    """
+    h = ClientRecorder(payload, len(GREETING) + len(payload))
+    # Each test passes the keyword arguments of connect() it needs; ** hides their types.
+    conn = connect(loop, host, port, lambda c: h, **kwargs)  # type: ignore[arg-type]
+    run_loop(loop, [conn])
+    return h

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import random
 import socket
 import struct
@@ -17,8 +18,9 @@ import time
 from collections.abc import Callable
 
 import pytest
-from clients import GREETING, RawTLSClient
+from clients import RawTLSClient
 from conftest import Certs, Recorder, ServerThread, recv_exactly
+from helpers import GREETING
 from OpenSSL import SSL
 
 import tlsuv
@@ -190,7 +192,7 @@ def test_single_byte_records(certs: Certs) -> None:
         # Raw ciphertext is collected on a thread so the server's echo never
         # waits on us (it would pause reading us: backpressure, not a bug);
         # OpenSSL itself is only touched from this thread.
-        raw: list[bytes] = []
+        arrived: queue.Queue[bytes] = queue.Queue()
         stop = threading.Event()
 
         def collect() -> None:
@@ -199,9 +201,9 @@ def test_single_byte_records(certs: Certs) -> None:
                     chunk = client.sock.recv(1 << 20)
                 except TimeoutError:
                     continue
+                arrived.put(chunk)
                 if not chunk:
                     return
-                raw.append(chunk)  # list.append is atomic under the GIL
 
         client.sock.settimeout(0.2)
         reader = threading.Thread(target=collect, daemon=True)
@@ -212,15 +214,14 @@ def test_single_byte_records(certs: Certs) -> None:
                 client.ssl.send(payload[b : b + 1])  # one record per byte
             client._flush()
         echoed = bytearray()
-        taken = 0
         deadline = time.monotonic() + 60
-        while len(echoed) < len(payload) and time.monotonic() < deadline:
-            fresh = raw[taken:]
-            taken += len(fresh)
-            if not fresh:
-                time.sleep(0.01)
-                continue
-            client.ssl.bio_write(b"".join(fresh))
+        while len(echoed) < len(payload):
+            try:
+                chunk = arrived.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"echo stalled at {len(echoed)} of {len(payload)} bytes") from None
+            assert chunk, f"the server closed after {len(echoed)} of {len(payload)} bytes"
+            client.ssl.bio_write(chunk)
             with contextlib.suppress(SSL.WantReadError):
                 while True:
                     echoed += client.ssl.recv(65536)

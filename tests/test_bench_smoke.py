@@ -7,18 +7,17 @@ upper bounds), and one of them proves that a corrupted echo is caught.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+
+# scripts/bench is not an installed package: tests/helpers.py (imported by
+# conftest, which pytest loads first) puts scripts/ on sys.path.
+from bench import loadgen, servers
 from conftest import Certs, server_thread
 
 import tlsuv
 from tlsuv.echo import EchoHandler
-
-# The load generator lives in scripts/bench, which is not an installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from bench import loadgen, servers
 
 UPPER_BOUND = 20.0  # seconds; each run stops long before, at its count
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from conftest import Certs, TLSFiles
-from peers import GREETING, Interactive, PySSLServer
+from helpers import GREETING
+from peers import Interactive, PySSLServer
 
 from tlsuv.client_cli import EXIT_CONNECT, EXIT_OK, EXIT_TLS
 
@@ -64,6 +65,8 @@ def py_server(certs: Certs) -> Iterator[PySSLServer]:
     (["localhost:443", "--alpn", ""], "1-255 bytes"),
     (["localhost:443", "--tls-min", "1.0"], "invalid choice"),
     (["localhost:443", "--connect-timeout", "0"], "positive"),
+    (["localhost:443", "--keepalive", "-3"], "must be 1-32767 seconds or 'off'"),
+    (["localhost:443", "--send-timeout", "off!"], "not a number"),
     (["localhost:443", "--servername", ""], "--servername cannot be empty"),
     (["localhost:443", "--cafile", "/nonexistent/ca.pem"], "CA file not found"),
     (["localhost:443", "--cert", "/nonexistent/c.pem", "--key", "/nonexistent/k.pem"],

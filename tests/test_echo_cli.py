@@ -19,6 +19,8 @@ import pytest
 from conftest import Certs, recv_exactly
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import GREETING
+from peers import Interactive
 
 ECHO = [sys.executable, "-m", "tlsuv.echo"]
 
@@ -45,6 +47,10 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], fragment: str)
         (["--max-connections", "0"], "at least 1"),
         (["--cert", "x.pem"], "--cert and --key go together"),
         (["--log-level", "loud"], "invalid choice"),
+        (["--keepalive", "0"], "must be 1-32767 seconds or 'off'"),
+        (["--keepalive", "1.5"], "not whole seconds or 'off'"),
+        (["--send-timeout", "0"], "positive"),
+        (["--send-timeout", "never"], "not a number"),
     ],
 )
 def test_bad_arguments(args: list[str], fragment: str) -> None:
@@ -103,13 +109,17 @@ def start_echo(*args: str, env: dict[str, str] | None = None) -> tuple[subproces
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly_with_exit_0(certs: Certs, signum: int) -> None:
-    proc, port, _ = start_echo("--cert", str(certs.cert_file), "--key", str(certs.key_file))
+    proc, port, _ = start_echo("--cert", str(certs.cert_file), "--key", str(certs.key_file),
+                               "--grace", "1")
     try:
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         with certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
-            assert recv_exactly(s, 4) == b"OK\r\n"
+            assert recv_exactly(s, 4) == GREETING
             os.kill(proc.pid, signum)
-            # A graceful stop sends close_notify: a clean EOF, not a reset or truncation.
+            # Served until the grace period ends, then close_notify: a clean EOF, not a
+            # reset or truncation.
+            s.sendall(b"still served")
+            assert recv_exactly(s, 12) == b"still served"
             assert s.recv(10) == b""
         assert proc.wait(timeout=15) == 0
         assert proc.stderr is not None
@@ -118,6 +128,49 @@ def test_signal_stops_cleanly_with_exit_0(certs: Certs, signum: int) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def keepalive_timer(port: int) -> tuple[int, int]:
+    """The kernel's timer on the server side of our one connection: (kind, hundredths of a second).
+
+    /proc/net/tcp's ``tr`` is 1 while data waits to be acknowledged, 2 for the keepalive
+    timer of an established socket, 0 for none.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+                kind, when = fields[5].split(":")
+                if kind != "01":  # not while the greeting is still unacknowledged
+                    return int(kind, 16), int(when, 16)
+        assert time.monotonic() < deadline, "no settled server-side socket in /proc/net/tcp"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("args", "seconds"), [([], 30), (["--keepalive", "7"], 7),
+                                               (["--keepalive", "off", "--send-timeout", "off"], None)])
+def test_keepalive_flag_reaches_the_sockets(certs: Certs, args: list[str], seconds: int | None) -> None:
+    proc, port, _ = start_echo("--cert", str(certs.cert_file), "--key", str(certs.key_file), *args)
+    try:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
+            assert recv_exactly(s, 4) == b"OK\r\n"
+            kind, when = keepalive_timer(port)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if seconds is None:
+        assert kind == 0, "keepalive is on although --keepalive off"
+    else:
+        assert kind == 2, "no keepalive timer"
+        # Seconds left until the first probe: within the idle time asked for, and more
+        # than the next smaller setting tested here would allow.
+        assert when <= seconds * 100, when
+        assert seconds == 7 or when > 7 * 100, when
 
 
 def test_self_signed_certificate_and_fingerprint() -> None:
@@ -130,7 +183,7 @@ def test_self_signed_certificate_and_fingerprint() -> None:
         with ctx.wrap_socket(raw, server_hostname="localhost") as s:
             der = s.getpeercert(binary_form=True)
             assert der is not None
-            assert recv_exactly(s, 4) == b"OK\r\n"
+            assert recv_exactly(s, 4) == GREETING
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:
@@ -151,13 +204,13 @@ def test_self_signed_certificate_and_fingerprint() -> None:
 
 def test_second_signal_aborts_at_once(certs: Certs) -> None:
     # A long grace and close timeout: only the second signal can end this quickly.
-    proc, port, _ = start_echo("--cert", str(certs.cert_file), "--key", str(certs.key_file),
-                               "--grace", "60", "--close-timeout", "60")
-    try:
+    with Interactive([*ECHO, "--port", "0", "--cert", str(certs.cert_file), "--key", str(certs.key_file),
+                      "--grace", "60", "--close-timeout", "60", "--log-level", "info"]) as proc:
+        port = int(proc.read_match(rb"listening on .*:(\d+)\r?\n", timeout=20).group(1))
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s = certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost")
-        assert recv_exactly(s, 4) == b"OK\r\n"
+        assert recv_exactly(s, 4) == GREETING
         # Fill the server's send side: it cannot finish a graceful close while we do not read.
         s.setblocking(False)
         for _ in range(2000):
@@ -165,16 +218,13 @@ def test_second_signal_aborts_at_once(certs: Certs) -> None:
                 s.send(b"x" * 65536)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 break
-        os.kill(proc.pid, signal.SIGTERM)
-        time.sleep(0.5)
-        assert proc.poll() is None, "a graceful stop waits for the connection"
-        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.proc.pid, signal.SIGTERM)
+        proc.read_match(rb"SIGTERM: draining 1 connection\(s\), grace 60", stream="err")
+        assert proc.proc.poll() is None, "a graceful stop waits for the connection"
+        os.kill(proc.proc.pid, signal.SIGTERM)
+        proc.read_match(rb"second signal: aborting all connections", stream="err")
         assert proc.wait(timeout=10) == 0
         s.close()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_log_levels(certs: Certs) -> None:
@@ -188,7 +238,7 @@ def test_log_levels(certs: Certs) -> None:
             bad_port = bad.getsockname()[1]
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         with certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
-            assert recv_exactly(s, 4) == b"OK\r\n"
+            assert recv_exactly(s, 4) == GREETING
             good_port = s.getsockname()[1]
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=15)

@@ -13,13 +13,13 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from conftest import Certs, ServerThread, recv_exactly
+from helpers import GREETING, wait_until
 
 import tlsuv
 from tlsuv.echo import EchoHandler
@@ -66,9 +66,6 @@ def documented_config() -> str:
         assert config.count(documented) == 1, f"docs/deployment.md no longer says {documented!r}"
         config = config.replace(documented, ours)
     return config
-
-
-GREETING = b"OK\r\n"
 
 
 @dataclass
@@ -144,11 +141,9 @@ def haproxy(config: str, tmp: Path, port: int) -> Iterator[subprocess.Popen[byte
     log = (tmp / "haproxy.log").open("wb")
     proc = subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 15
-        while not _listening(port):
-            assert proc.poll() is None, (tmp / "haproxy.log").read_text()
-            assert time.monotonic() < deadline, "HAProxy did not start listening"
-            time.sleep(0.02)
+        wait_until(lambda: _listening(port) or proc.poll() is not None, timeout=15,
+                   what="HAProxy to listen")
+        assert proc.poll() is None, (tmp / "haproxy.log").read_text()
         yield proc
     finally:
         proc.terminate()
@@ -205,15 +200,13 @@ def test_clients_through_haproxy(certs: Certs, tmp_path: Path, send_proxy: str) 
         # Byte-exact echoes through HAProxy.
         assert [echoed for _, echoed in results] == [payloads[i] for i in range(len(clients))]
 
-        def settled() -> list[Seen]:
-            deadline = time.monotonic() + 10
-            while True:
-                seen = [s for b in backends for s in b.thread.call(b.clients)]
-                if len(seen) == len(clients) or time.monotonic() > deadline:
-                    return seen
-                time.sleep(0.02)
+        def seen_by_backends() -> list[Seen]:
+            return [s for b in backends for s in b.thread.call(b.clients)]
 
-        seen = settled()
+        # The last echo can reach the client before its handler's bookkeeping is read here.
+        wait_until(lambda: len(seen_by_backends()) == len(clients),
+                   what=f"the backends to have served all {len(clients)} clients")
+        seen = seen_by_backends()
         # Each handler saw its client's own address and port, and HAProxy's as proxy_peer.
         assert sorted(s.peer for s in seen if s.peer) == sorted(addr for addr, _ in results)
         assert all(s.proxy_peer is not None and s.proxy_peer[0] == "127.0.0.1" for s in seen)
@@ -225,7 +218,5 @@ def test_clients_through_haproxy(certs: Certs, tmp_path: Path, send_proxy: str) 
 
         if send_proxy == "send-proxy-v2":
             # The documented health check works: a LOCAL header, then a full handshake.
-            deadline = time.monotonic() + 10
-            while not all(b.thread.call(b.health_checks) for b in backends):
-                assert time.monotonic() < deadline, "no successful HAProxy health check reached a server"
-                time.sleep(0.1)
+            wait_until(lambda: all(b.thread.call(b.health_checks) for b in backends),
+                       what="a successful HAProxy health check on each server")

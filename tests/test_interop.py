@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 from conftest import Certs, CheckedLoop, TLSFiles, recv_exactly
-from peers import GREETING, ClientRecorder, Interactive, echo_cli, openssl_s_server, require_tool, run_loop
+from helpers import GREETING
+from peers import ClientRecorder, Interactive, echo_cli, openssl_s_server, require_tool, run_loop
 
 from tlsuv.client import connect
 

@@ -6,6 +6,7 @@ Each test drives one behaviour with a client whose every step is explicit
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -17,8 +18,9 @@ import weakref
 from collections.abc import Callable
 
 import pytest
-from clients import GREETING, RawTLSClient
+from clients import RawTLSClient
 from conftest import Certs, Recorder, ServerThread, recv_exactly, server_thread
+from helpers import GREETING, wait_until
 from OpenSSL import SSL
 
 import tlsuv
@@ -245,13 +247,16 @@ def test_peer_stalling_mid_handshake_hits_the_timeout(certs: Certs) -> None:
 
 
 def test_handshake_timer_is_cancelled_once_established(certs: Certs) -> None:
-    options = tlsuv.ConnectionOptions(handshake_timeout=0.2)
+    timeout = 0.2
+    options = tlsuv.ConnectionOptions(handshake_timeout=timeout)
     with recorder_thread(certs, options=options) as st, st.connect(certs) as s:
         assert recv_exactly(s, 4) == GREETING
-        time.sleep(0.5)
+        (conn,) = st.connections
+        # Past the moment the handshake timer was due (it started before this marker).
+        st.pass_time(timeout)
+        assert not st.call(lambda: conn.closing), "the handshake timer fired after the handshake"
         s.sendall(b"alive")
         assert recv_exactly(s, 5) == b"alive"
-        (conn,) = st.connections
         assert st.call(lambda: conn._timer) is None, "no timer may outlive its step"
 
 
@@ -263,7 +268,7 @@ def test_idle_timeout(certs: Certs) -> None:
             for _ in range(8):  # 0.8 s of traffic in 0.1 s steps: never idle for 0.4 s
                 busy.sendall(b"x")
                 assert recv_exactly(busy, 1) == b"x"
-                time.sleep(0.1)
+                time.sleep(0.1)  # must stay: the idle timer measures time, so time must pass
             (h,) = st.handlers
             assert isinstance(h, Recorder)
             assert h.closed_count == 0, "traffic must keep the connection alive"
@@ -306,10 +311,11 @@ def test_pause_and_resume_writing_around_the_water_marks(certs: Certs) -> None:
     with recorder_thread(certs, factory=factory, options=options) as st:
         client = RawTLSClient(st.port, certs.client_pyopenssl_context())
         client.handshake()
-        time.sleep(0.3)  # let the server fill the pipe while we do not read
+        (p,) = handlers
+        # The server fills the pipe while we do not read, until it is told to pause.
+        st.wait_for(lambda: "pause_writing" in p.events, what="the producer's pause_writing")
         data = client.read_to_end()
         client.close_tcp()
-        (p,) = handlers
         wait_closed(st, p)
     assert data == b"z" * (6 * 1024 * 1024)
     assert p.events.count("pause_writing") >= 1
@@ -323,19 +329,27 @@ def test_echo_stops_reading_a_peer_that_does_not_read(certs: Certs) -> None:
         raw = socket.create_connection(("127.0.0.1", st.port))
         s = certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost")
         assert recv_exactly(s, 4) == GREETING
+        (conn,) = st.connections
         s.setblocking(False)
         chunk = os.urandom(65536)
         sent = 0
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            try:
-                sent += s.send(chunk)
-            except (BlockingIOError, ssl.SSLWantWriteError):
-                time.sleep(0.01)
-        # The server stopped reading: what we pushed is bounded by the kernel
-        # buffers on both sides plus the server's high-water mark, not by time.
-        assert sent < 40 * 1024 * 1024, f"server kept reading: {sent} bytes accepted"
-        (conn,) = st.connections
+        limit = 40 * 1024 * 1024  # far more than the kernel buffers and the high-water mark
+
+        def stuck() -> bool:
+            """Push what the kernel takes; True once it took nothing since the last poll and the
+            server is paused (a server still reading would have made room by then)."""
+            nonlocal sent
+            before = sent
+            with contextlib.suppress(BlockingIOError, ssl.SSLWantWriteError):
+                while sent < limit:
+                    sent += s.send(chunk)
+            return sent == before and bool(st.call(lambda: conn.writing_paused))
+
+        wait_until(stuck, timeout=20, interval=0.05,
+                   what="the server to stop reading a peer that does not read")
+        # What we pushed is bounded by the kernel buffers on both sides plus the
+        # server's high-water mark, not by time.
+        assert sent < limit, f"server kept reading: {sent} bytes accepted"
         assert st.call(lambda: conn.buffered) <= 64 * 1024 + 4 * 16384
         assert st.call(lambda: conn.writing_paused)
         s.setblocking(True)
@@ -364,17 +378,27 @@ def test_max_connections_refuses_then_resumes(certs: Certs) -> None:
 
 
 def test_data_read_while_paused_reaches_the_handler_before_close(certs: Certs) -> None:
-    """Records decrypted after the handler paused are held, and still delivered at close_notify."""
+    """Plaintext decrypted after the handler paused is held, and still delivered at close_notify.
+
+    Consecutive records of one read reach the handler as one chunk, so a
+    pause inside ``read`` holds nothing.  What is held is what comes with the
+    handshake's last flight when the handler pauses in ``handshake_complete``.
+    """
 
     class Pauser(Recorder):
-        def read(self, conn: tlsuv.Connection, data: bytes) -> None:
-            super().read(conn, data)
-            conn.pause_reading()  # the rest of this TCP read is already decrypted: it is held
+        def handshake_complete(self, conn: tlsuv.Connection) -> None:
+            super().handshake_complete(conn)
+            conn.pause_reading()  # the data in this same TCP read is already decrypted: it is held
 
     with recorder_thread(certs, factory=lambda c: Pauser()) as st:
         client = RawTLSClient(st.port, certs.client_pyopenssl_context())
-        client.handshake()
-        # Three records and close_notify in one TCP segment, so one libuv read carries them all.
+        while True:  # the handshake, with the client's last flight left unsent
+            try:
+                client.ssl.do_handshake()
+                break
+            except SSL.WantReadError:
+                client.pump()
+        # Finished, three records and close_notify in one TCP segment: one libuv read.
         for part in (b"one ", b"two ", b"three"):
             client.ssl.send(part)
         client.ssl.shutdown()

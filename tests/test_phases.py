@@ -14,13 +14,12 @@ import socket
 import ssl
 
 from conftest import Certs, CheckedLoop, Recorder, recv_exactly, server_thread
+from helpers import GREETING
 from peers import PySSLServer, run_loop
 
 import tlsuv
 from tlsuv.client import connect
 from tlsuv.connection import _NEXT, DEADLINES, InvalidPhaseTransition, Phase
-
-GREETING = b"OK\r\n"
 
 
 def test_the_table_only_moves_forward_and_every_phase_can_end() -> None:

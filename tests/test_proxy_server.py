@@ -8,11 +8,11 @@ import socket
 import ssl
 import struct
 import threading
-import time
 
 import pytest
-from clients import GREETING, RawTLSClient
+from clients import RawTLSClient
 from conftest import Certs, ServerThread, recv_exactly, server_thread
+from helpers import GREETING
 from OpenSSL import SSL
 
 import tlsuv
@@ -68,10 +68,7 @@ def wait_closed(handler: tlsuv.Handler, timeout: float = 10.0) -> BaseException 
 
 
 def only_handler(st: ServerThread, timeout: float = 10.0) -> Watcher:
-    deadline = time.monotonic() + timeout
-    while not st.handlers:
-        assert time.monotonic() < deadline, "no connection reached the server"
-        time.sleep(0.01)
+    st.wait_for(lambda: st.handlers, timeout, what="a connection to reach the server")
     (h,) = st.handlers
     assert isinstance(h, Watcher)
     return h
@@ -161,13 +158,10 @@ def test_slow_header_times_out_with_its_own_phase(certs: Certs) -> None:
     with server_thread(certs.server_context(), factory=lambda c: Watcher(), options=opts) as st:
         raw = socket.create_connection(("127.0.0.1", st.port), timeout=10)
         with raw:
-            started = time.monotonic()
             raw.sendall(V1_HEADER[:10])  # a balancer that stalls mid-header
             reason = wait_closed(only_handler(st))
-            elapsed = time.monotonic() - started
             assert isinstance(reason, tlsuv.TimeoutError)
-            assert reason.phase == "proxy header"
-            assert 0.25 < elapsed < 5.0  # the 0.3 s header deadline, not the 30 s handshake one
+            assert reason.phase == "proxy header"  # the 0.3 s header deadline, not the 30 s handshake one
 
 
 def test_handshake_deadline_starts_after_the_header(certs: Certs) -> None:
@@ -205,10 +199,7 @@ def test_sources_outside_allow_from_are_refused_at_accept(certs: Certs) -> None:
             # The header may arrive after the close; the kernel then answers RST.
             with contextlib.suppress(ConnectionResetError):
                 assert refused.recv(100) == b""
-        deadline = time.monotonic() + 10
-        while st.call(lambda: st.server.refused) != 1:
-            assert time.monotonic() < deadline, "the connection was not refused"
-            time.sleep(0.01)
+        st.wait_for(lambda: st.server.refused == 1, what="the server to refuse the connection")
         assert st.handlers == []  # no handler, no TLS state for an untrusted source
         assert st.call(lambda: st.server.accepted) == 0
 
@@ -237,8 +228,6 @@ def test_server_close_does_not_wait_for_a_pending_header(certs: Certs) -> None:
         raw = socket.create_connection(("127.0.0.1", st.port), timeout=10)
         raw.sendall(V1_HEADER[:5])
         handler = only_handler(st)
-        started = time.monotonic()
-        st.stop()
-        assert time.monotonic() - started < 5.0
+        st.stop(timeout=10.0)  # fails if the close waited out its 30 s grace
         assert handler.closed_event.is_set() and handler.reason is None
         raw.close()

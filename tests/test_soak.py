@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SCRIPTS
+from helpers import SCRIPTS
 from lifecycle.common import start_echo
 from lifecycle.flood import flood
 

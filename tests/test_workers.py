@@ -18,17 +18,18 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from clients import echo_once, tls_client
 from conftest import Certs, recv_exactly
+from helpers import GREETING, wait_until
 
 from tlsuv.proxy import V2_SIGNATURE
 from tlsuv.workers import available_cpus, worker_count
 
 ECHO = [sys.executable, "-m", "tlsuv.echo"]
-GREETING = b"OK\r\n"
 
 
 class Supervised:
@@ -59,7 +60,9 @@ class Supervised:
                 self._cond.notify_all()
 
     def wait_for(self, pattern: str, timeout: float = 15.0, stream: list[str] | None = None,
-                 start: int = 0) -> re.Match[str]:
+                 start: int = 0, accept: Callable[[re.Match[str]], bool] | None = None) -> re.Match[str]:
+        """The first line from ``start`` on that matches ``pattern`` (and that ``accept`` takes),
+        waiting for the process to print it."""
         lines = self.lines if stream is None else stream
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
@@ -67,7 +70,7 @@ class Supervised:
             while True:
                 for line in lines[start:]:
                     m = regex.search(line)
-                    if m:
+                    if m and (accept is None or accept(m)):
                         return m
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.proc.poll() is not None and not self._readers_alive()):
@@ -110,25 +113,6 @@ def echo_workers(certs: Certs, *args: str) -> Iterator[Supervised]:
     finally:
         sup.stop()
         assert not any("Traceback" in line for line in sup.lines), "\n".join(sup.lines)
-
-
-def tls_client(certs: Certs, port: int) -> ssl.SSLSocket:
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-    # suppress_ragged_eofs=False: a TCP close without close_notify raises
-    # instead of looking like a clean end, so tests can tell the two apart.
-    return certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost",
-                                                  suppress_ragged_eofs=False)
-
-
-def echo_once(certs: Certs, port: int, payload: bytes = b"ping") -> int:
-    """One full, cleanly closed echo session; returns the client's local port."""
-    with tls_client(certs, port) as s:
-        local = int(s.getsockname()[1])
-        assert recv_exactly(s, len(GREETING)) == GREETING
-        s.sendall(payload)
-        assert recv_exactly(s, len(payload)) == payload
-        s.unwrap()  # close_notify, so the server counts a clean close
-    return local
 
 
 def serving_worker(sup: Supervised, local_port: int) -> int:
@@ -235,23 +219,33 @@ def _hold_open(certs: Certs, port: int, n: int) -> list[ssl.SSLSocket]:
 
 @pytest.mark.parametrize("how", ["SIGTERM to the parent", "Ctrl-C to the process group"])
 def test_signal_drains_every_worker_with_close_notify(certs: Certs, how: str) -> None:
-    with echo_workers(certs, "--workers", "2", "--grace", "10") as sup:
+    """A drain refuses new connections, serves the open ones to the end of --grace, then close_notify."""
+    with echo_workers(certs, "--workers", "2", "--grace", "2") as sup:
         sup.worker_pids(2)
         clients = _hold_open(certs, sup.port, 6)
-        started = time.monotonic()
+        mark = len(sup.lines)
         if how.startswith("SIGTERM"):
             sup.signal(signal.SIGTERM)
         else:
             # A terminal signals every process of the group at once: workers
             # must treat that as one drain, not as drain + abort.
             os.killpg(sup.proc.pid, signal.SIGINT)
+        for number in (1, 2):
+            sup.wait_for(rf"worker {number}: draining \d+ connection\(s\)", start=mark)
+        # Nobody listens any more (the parent closed its copies of the sockets too).
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", sup.port), timeout=5).close()
+        for i, s in enumerate(clients):  # still served during the grace period
+            payload = f"still here {i}".encode()
+            s.sendall(payload)
+            assert recv_exactly(s, len(payload)) == payload
         for s in clients:
             with s:
                 # close_notify arrives: a clean end (a bare TCP close would raise SSLEOFError).
                 assert s.recv(10) == b""
                 s.unwrap()
         assert sup.wait() == 0
-        assert time.monotonic() - started < 8.0
+        sup.wait_for(r"grace period over: closing \d+ connection\(s\)", start=mark)
         assert len([line for line in sup.lines if "drained and exited" in line]) == 2
         assert not any("aborting" in line for line in sup.lines)
 
@@ -261,16 +255,16 @@ def test_second_signal_aborts(certs: Certs) -> None:
         sup.worker_pids(2)
         clients = _hold_open(certs, sup.port, 2)
         sup.signal(signal.SIGTERM)
-        for s in clients:
-            assert s.recv(10) == b""  # close_notify; we never answer it, so the drain would wait 30 s
         sup.wait_for(r"SIGTERM: draining 2 worker\(s\)")
-        started = time.monotonic()
+        for s in clients:  # the drain would serve them for 30 s
+            s.sendall(b"ping")
+            assert recv_exactly(s, 4) == b"ping"
         sup.signal(signal.SIGINT)
-        assert sup.wait() == 0
-        assert time.monotonic() - started < 5.0
+        assert sup.wait() == 0  # sup.wait's own timeout is far below the 30 s grace
         sup.wait_for(r"SIGINT again: aborting all connections")
         for s in clients:
-            s.close()
+            with s, pytest.raises((ssl.SSLEOFError, ConnectionResetError)):
+                s.recv(10)  # aborted: TCP closes without close_notify
 
 
 def _dead(pid: int) -> bool:
@@ -285,24 +279,23 @@ def test_workers_drain_when_the_supervisor_dies(certs: Certs) -> None:
     with echo_workers(certs, "--workers", "2") as sup:
         pids = sup.worker_pids(2)
         sup.signal(signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while not all(_dead(p) for p in pids.values()):
-            assert time.monotonic() < deadline, "orphaned workers kept running"
-            time.sleep(0.05)
+        wait_until(lambda: all(_dead(p) for p in pids.values()), what="the orphaned workers to exit")
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", sup.port), timeout=5).close()
 
 
 def _stats(sup: Supervised, **want: int) -> dict[str, int]:
-    """Wait for a stats line whose counters match ``want``; return all of its counters."""
-    deadline = time.monotonic() + 15
-    while True:
-        m = sup.wait_for(r"stats: (.*)$", start=len(sup.lines) - 1)
-        values = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
-        if all(values.get(k) == v for k, v in want.items()):
-            return values
-        assert time.monotonic() < deadline, f"stats never reached {want}; last: {values}"
-        time.sleep(0.1)
+    """Wait for a stats line, printed from now on, whose counters match ``want``; return them all.
+
+    Only new lines count: a line from before what the test just did would prove nothing.
+    """
+
+    def counters(m: re.Match[str]) -> dict[str, int]:
+        return {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+
+    m = sup.wait_for(r"stats: (.*)$", start=len(sup.lines),
+                     accept=lambda m: all(counters(m).get(k) == v for k, v in want.items()))
+    return counters(m)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

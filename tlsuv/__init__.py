@@ -8,8 +8,10 @@ The public surface::
     speedups_active() and data_path(): whether the compiled data path
     (tlsuv._speedups) runs, or the pure-Python one, and why.
 
-The client lives in :mod:`tlsuv.client` (``tlsuv.client.connect``); it is not
-imported here so that ``python -m tlsuv.client`` runs without a double import.
+The client lives in :mod:`tlsuv.client` (``tlsuv.client.connect``), a package
+so that ``python -m tlsuv.client`` runs its ``__main__.py`` without executing
+the library twice; it is not imported here, to keep ``import tlsuv`` to what
+a server needs.
 """
 
 from ._openssl import data_path, speedups_active

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import NoReturn
 
+from ._sockopt import KEEPALIVE_MAX
+from .connection import ConnectionOptions
 from .proxy import DEFAULT_TIMEOUT, LOOPBACK, IPNetwork, ProxyOptions, parse_networks
 
 # The conventional exit code for "you called me wrong" (argparse, BSD sysexits' EX_USAGE is 64
@@ -19,6 +22,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(f"{self.prog}: error: {message} (see --help)")
+
+
+def program_name(script: str, module: str) -> str:
+    """The name usage and error lines show: how the user started the tool.
+
+    ``script`` when started by that console script (``tlsuv-echo``), else the
+    ``python -m`` form -- also when ``main()`` is called from Python.
+    """
+    return script if os.path.basename(sys.argv[0]) == script else f"python -m {module}"
 
 
 def fail(message: str) -> NoReturn:
@@ -54,6 +66,37 @@ def port_number(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535: {text!r}")
     return value
+
+
+def seconds_or_off(text: str) -> float | None:
+    """A positive number of seconds, or ``off`` (None)."""
+    return None if text == "off" else positive_float(text)
+
+
+def keepalive_seconds(text: str) -> int | None:
+    """Whole seconds 1-32767 (TCP keepalive's unit and limit), or ``off`` (None)."""
+    if text == "off":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not whole seconds or 'off': {text!r}") from None
+    if not 1 <= value <= KEEPALIVE_MAX:
+        raise argparse.ArgumentTypeError(f"must be 1-{KEEPALIVE_MAX} seconds or 'off': {text!r}")
+    return value
+
+
+def add_dead_peer_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--keepalive`` and ``--send-timeout``: how a peer that vanished is found (tlsuv._sockopt)."""
+    defaults = ConnectionOptions()
+    parser.add_argument("--keepalive", type=keepalive_seconds, default=defaults.keepalive,
+                        metavar="SECONDS|off",
+                        help=f"probe a peer silent this long with TCP keepalive; one that answers "
+                             f"nothing is dropped (default {defaults.keepalive})")
+    parser.add_argument("--send-timeout", type=seconds_or_off, default=defaults.send_timeout,
+                        metavar="SECONDS|off",
+                        help=f"drop a connection whose queued data makes no progress this long "
+                             f"(default {defaults.send_timeout:g})")
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

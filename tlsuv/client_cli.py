@@ -1,4 +1,4 @@
-"""``python -m tlsuv.client HOST:PORT``: stdin to a TLS server, its bytes to stdout.
+"""``tlsuv-client HOST:PORT`` (or ``python -m tlsuv.client``): stdin to a TLS server, its bytes to stdout.
 
 Like ``openssl s_client -quiet``, with two differences that make it usable
 in pipes: the certificate is verified (and a failure stops it), and the end
@@ -6,7 +6,8 @@ of stdin is a TLS half-close -- close_notify goes out after the last byte,
 and everything the server still sends is printed until it closes too.
 
 Exit codes: 0 success, 2 bad arguments or files, 3 the connection failed
-(name resolution, TCP connect, reset, connect timeout), 4 TLS failed
+(name resolution, TCP connect, reset, connect timeout, a server that stopped
+answering: keepalive or send timeout), 4 TLS failed
 (handshake, certificate verification, a protocol error, or a server that
 closed without close_notify so the output may be truncated), 128+N when
 stopped by signal N.
@@ -41,7 +42,7 @@ from .handler import Handler
 
 log = logging.getLogger("tlsuv.client")
 
-PROG: Final = "python -m tlsuv.client"
+PROG: Final = _cli.program_name("tlsuv-client", "tlsuv.client")
 
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = _cli.EXIT_USAGE
@@ -90,6 +91,7 @@ def build_parser() -> _cli.ArgumentParser:
                    help=f"give up connecting after this (default {DEFAULT_CONNECT_TIMEOUT:g})")
     p.add_argument("--handshake-timeout", type=_cli.positive_float, default=10.0, metavar="SECONDS",
                    help="give up on the TLS handshake after this (default 10)")
+    _cli.add_dead_peer_arguments(p)  # --keepalive, --send-timeout
     p.add_argument("--log-level", choices=_cli.LOG_LEVELS, default="warning",
                    help="info shows the negotiated parameters on stderr (default warning)")
     return p
@@ -240,7 +242,8 @@ def exit_code(reason: BaseException | None) -> int:
     if reason is None:
         return EXIT_OK
     if isinstance(reason, TimeoutError):
-        return EXIT_CONNECT if reason.phase == "connect" else EXIT_TLS
+        # The connection itself failed (nobody answers), not TLS.
+        return EXIT_CONNECT if reason.phase in ("connect", "keepalive", "send") else EXIT_TLS
     if isinstance(reason, TransportError):
         return EXIT_CONNECT
     if isinstance(reason, (TLSError, TruncationError)):
@@ -269,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # After stdin ends we wait for the server to finish, however long its
         # answer takes, as s_client does; a silent server is the user's Ctrl-C.
         close_timeout=None,
+        keepalive=args.keepalive,
+        send_timeout=args.send_timeout,
     )
     loop = pyuv.Loop()
     try:

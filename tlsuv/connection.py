@@ -51,6 +51,10 @@ SHUTDOWN       close_notify reached the kernel          ``read`` only after     
 HALF_CLOSED    the peer's close_notify or EOF           as SHUTDOWN                  ``close``
 FINISHED       --                                       ``closed``, exactly once,   none
                                                         from libuv's close callback
+(every phase   --                                       --                          also ``send`` (a second
+but FINISHED)                                                                       timer, while libuv holds
+                                                                                    data) and the kernel's
+                                                                                    ``keepalive`` (below)
 =============  =======================================  ==========================  ==============
 
 The deadline column is the connection's one timer: entering a phase arms
@@ -60,9 +64,30 @@ the :class:`~tlsuv.errors.TimeoutError` when it passes.  ``close()`` before
 the handshake can run (CONNECTING, PROXY_HEADER) with writes queued is kept
 as a request and applied when the handshake starts.
 
-Flow control is a second, independent dimension, not a phase: the writer
-may be paused (``writing_paused``: more than the high-water mark queued) and
-the handler may pause reading, in any phase before FINISHED.
+Flow is a second, independent dimension, not a phase, in any phase before
+FINISHED: the writer may be paused (``writing_paused``: more than the
+high-water mark queued), the handler may pause reading, and the **send
+deadline** runs while libuv's write queue holds data::
+
+    libuv's write queue   the send timer (``_send_timer``)      on expiry
+    -------------------   ------------------------------------  ------------------------------
+    empty                 none: not even made (the common case:  --
+                          write(2) took everything)
+    data goes to          made and started, ``send_timeout``     the kernel took bytes since it
+    ``tcp.write``         from now                               was armed: re-armed; else
+                                                                 TimeoutError(phase="send"),
+    a write callback,     restarted (a request reached the       closed with a reset
+    queue still non-empty kernel: progress)
+    drained; FINISHED     closed                                 --
+
+So it can overlap the idle and close deadlines, and whichever passes first
+ends the connection.  Because it is a second timer, not the phase timer, the
+phase table above stays one deadline per phase.  The kernel watches the other
+half, data it holds itself: TCP_USER_TIMEOUT is set to the same value
+(:mod:`tlsuv._sockopt`), and when it gives up, or when keepalive probes go
+unanswered, the read or write fails with ETIMEDOUT; :meth:`Connection._gave_up`
+reports that as ``TimeoutError(phase="send")`` or ``"keepalive"`` (libuv's
+error on ``__cause__``).
 
 What the seed left out, and this module adds:
 
@@ -88,6 +113,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -96,7 +122,8 @@ from typing import TYPE_CHECKING, Any, Final
 import pyuv
 from OpenSSL import SSL
 
-from . import _openssl
+from . import _openssl, _sockopt
+from ._sockopt import KEEPALIVE_MAX
 from ._uv import format_address, socket_address, uv_error_text
 from .errors import (
     ConnectionClosedError,
@@ -131,6 +158,12 @@ log = logging.getLogger("tlsuv")
 
 _os_write = os.write
 _EOF = pyuv.errno.UV_EOF
+# How the kernel reports that it gave up on a peer (see Connection._gave_up): libuv's
+# numbers from callbacks, the system's from a direct write(2).
+_GAVE_UP: Final = frozenset({
+    pyuv.errno.UV_ETIMEDOUT, pyuv.errno.UV_EHOSTUNREACH, pyuv.errno.UV_ENETUNREACH,
+    errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
+})
 
 
 class Phase(enum.IntEnum):
@@ -203,6 +236,16 @@ class ConnectionOptions:
     # How long a graceful close waits for libuv to drain and the peer to
     # answer close_notify before the socket is simply closed.
     close_timeout: float | None = 5.0
+    # TCP keepalive: seconds of silence from the peer before TCP probes it
+    # (whole seconds, the kernel's unit; tlsuv._sockopt sets the interval and
+    # count).  30 s finds a vanished idle peer in 60 s with the send timeout
+    # below (120 s without it) instead of the kernel's two hours, and keeps
+    # NAT and firewall state alive for a few bytes a minute per connection.
+    keepalive: int | None = 30
+    # Data queued for the peer that makes no progress this long ends the
+    # connection (nginx's send_timeout and its 60 s default); also the
+    # kernel's TCP_USER_TIMEOUT, for data it holds itself.
+    send_timeout: float | None = 60.0
     # Water marks over all bytes queued for the peer.  asyncio's defaults
     # (64 KiB / 16 KiB): four full TLS records in flight keep the pipe busy,
     # and at 10,000 connections the worst case stays under a GiB.
@@ -215,10 +258,13 @@ class ConnectionOptions:
     def __post_init__(self) -> None:
         if not 0 <= self.low_water <= self.high_water:
             raise ValueError("water marks need 0 <= low_water <= high_water")
-        for name in ("handshake_timeout", "idle_timeout", "close_timeout"):
+        for name in ("handshake_timeout", "idle_timeout", "close_timeout", "send_timeout"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive or None")
+        keepalive = self.keepalive
+        if keepalive is not None and (type(keepalive) is not int or not 1 <= keepalive <= KEEPALIVE_MAX):
+            raise ValueError(f"keepalive must be whole seconds, 1-{KEEPALIVE_MAX}, or None")
 
 
 class Connection:
@@ -247,6 +293,8 @@ class Connection:
         "_reading",
         "_reading_paused",
         "_reason",
+        "_send_mark",
+        "_send_timer",
         "_tcp",
         "_timer",
         "_tls",
@@ -294,6 +342,9 @@ class Connection:
         else:
             self._phase = P_HANDSHAKING
         self._timer: pyuv.Timer | None = None  # the current phase's deadline (DEADLINES)
+        # The send deadline: exists only while libuv's write queue holds data (_arm_send_timer).
+        self._send_timer: pyuv.Timer | None = None
+        self._send_mark = 0  # bytes the kernel had taken when the send deadline was last armed
         self._last_activity = 0.0  # loop time of the last byte in or out, for the idle deadline
         self._close_requested = False  # close() before the handshake could start
         self._reason: BaseException | None = None
@@ -407,6 +458,11 @@ class Connection:
     def closed(self) -> bool:
         """The connection has ended: nothing more is sent or read; ``Handler.closed`` runs or ran."""
         return self._phase is P_FINISHED
+
+    @property
+    def reason(self) -> BaseException | None:
+        """Why the connection ended, as ``Handler.closed`` is told; None while open or after a clean end."""
+        return self._reason
 
     @property
     def closing(self) -> bool:
@@ -596,7 +652,8 @@ class Connection:
             if error == _EOF:
                 self._on_eof()
             else:
-                self._abort(TransportError(f"read failed: {uv_error_text(error)}", errno=error))
+                self._abort(self._gave_up(TransportError(f"read failed: {uv_error_text(error)}",
+                                                         errno=error)))
             return
         if not data:  # libuv's EAGAIN/EINTR arrive as empty reads
             return
@@ -729,10 +786,15 @@ class Connection:
         if self._phase is P_FINISHED:
             return
         if error is not None:
-            self._abort(TransportError(f"write failed: {uv_error_text(error)}", errno=error))
+            self._abort(self._gave_up(TransportError(f"write failed: {uv_error_text(error)}",
+                                                     errno=error)))
             return
         if self._tcp.write_queue_size == 0:
+            if self._send_timer is not None:
+                self._stop_send_timer()
             self._after_drain()
+        elif self._send_timer is not None:  # a request went to the kernel: progress
+            self._arm_send_timer()
 
     def _on_shutdown(self, tcp: pyuv.TCP, error: int | None) -> None:
         if self._phase is P_FINISHED:
@@ -772,6 +834,70 @@ class Connection:
     def _timeout_error(self, phase: Phase) -> TimeoutError:
         name = DEADLINES[phase]
         return TimeoutError(f"{name} timeout", phase=name)
+
+    # -- the send deadline (not a phase: see the module docstring) --------------
+
+    def _arm_send_timer(self) -> None:
+        """(Re)start the send deadline: ``send_timeout`` from now, counting progress from here."""
+        timer = self._send_timer
+        if timer is None:
+            timer = self._send_timer = pyuv.Timer(self._tcp.loop)
+        tcp = self._tcp
+        self._send_mark = self.bytes_out - tcp.write_queue_size
+        timer.start(self._on_send_timer, self._options.send_timeout, 0.0)
+
+    def _stop_send_timer(self) -> None:
+        # Closed, not stopped: a connection whose writes all went straight to
+        # the kernel (the common case) should carry no timer at all.
+        timer, self._send_timer = self._send_timer, None
+        if timer is not None and not timer.closed:
+            timer.close()
+
+    def _on_send_timer(self, timer: pyuv.Timer) -> None:
+        if self._phase is P_FINISHED:
+            return
+        tcp = self._tcp
+        queued = tcp.write_queue_size
+        if not queued:  # drained; _on_write has yet to run and will find it so
+            self._stop_send_timer()
+            return
+        if self.bytes_out - queued > self._send_mark:
+            # The kernel took part of a large request: progress that no
+            # write callback reports (callbacks come per whole request).
+            self._arm_send_timer()
+            return
+        # Reset rather than FIN: the kernel would otherwise keep the socket and
+        # its send buffer as an orphan retransmitting to a peer that is not there.
+        with contextlib.suppress(pyuv.error.UVError):
+            _sockopt.reset_on_close(tcp.fileno())
+        self._abort(TimeoutError(
+            f"send timeout: none of the {queued} bytes queued for the peer left in "
+            f"{self._options.send_timeout:g} s", phase="send"))
+
+    def _gave_up(self, error: TransportError) -> TLSUVError:
+        """A socket error, or the kernel giving up on a silent peer: then the timeout it is.
+
+        The kernel ends a connection with ETIMEDOUT (or the last ICMP error
+        it saw, such as EHOSTUNREACH) when keepalive probes or retransmissions
+        go unanswered.  Which of the two it was shows in what the socket still
+        holds unacknowledged: nothing (keepalive probes carry no data) or
+        our data (TCP_USER_TIMEOUT, the kernel's half of the send timeout).
+        """
+        if error.errno not in _GAVE_UP:
+            return error
+        outstanding = -1
+        with contextlib.suppress(pyuv.error.UVError):
+            outstanding = _sockopt.unacknowledged(self._tcp.fileno())
+        if outstanding > 0 or self._tcp.write_queue_size:
+            reason = TimeoutError(f"send timeout: the peer stopped acknowledging data ({error})",
+                                  phase="send")
+        elif outstanding == 0:
+            reason = TimeoutError(f"keepalive timeout: the peer answered no keepalive probe ({error})",
+                                  phase="keepalive")
+        else:
+            return error
+        reason.__cause__ = error
+        return reason
 
     # -- the after_io pass (the seed's try_flush_ssl_state) --------------------
 
@@ -872,7 +998,9 @@ class Connection:
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError as exc:
-                self._abort(TransportError(f"write failed: {exc.strerror}", errno=exc.errno), cause=exc)
+                error = TransportError(f"write failed: {exc.strerror}", errno=exc.errno)
+                error.__cause__ = exc
+                self._abort(self._gave_up(error))
                 return
             if n == size:
                 return
@@ -886,9 +1014,11 @@ class Connection:
         self.bytes_out += size
         if self._phase is P_OPEN and self._timer is not None:
             self._last_activity = self._tcp.loop.now()
-        if isinstance(rest, int):
+        if isinstance(rest, int):  # write(2) failed: as the pure path reports an OSError
             exc = OSError(rest, os.strerror(rest))
-            self._abort(TransportError(f"write failed: {exc.strerror}", errno=rest), cause=exc)
+            error = TransportError(f"write failed: {exc.strerror}", errno=rest)
+            error.__cause__ = exc
+            self._abort(self._gave_up(error))
             return
         self._queue_write(rest)
 
@@ -898,6 +1028,11 @@ class Connection:
             self._tcp.write(rest, self._on_write)
         except pyuv.error.UVError as exc:
             self._abort(TransportError(f"write failed: {uv_error_text(exc)}"), cause=exc)
+            return
+        # libuv holds data now (unless its own write took everything): the send
+        # deadline runs from here until the queue drains (_on_write).
+        if self._send_timer is None and self._options.send_timeout is not None and self._tcp.write_queue_size:
+            self._arm_send_timer()
 
     def _start_tls_shutdown(self) -> None:
         tls = self._tls
@@ -958,6 +1093,8 @@ class Connection:
         self._set_phase(P_FINISHED)
         self._reason = reason
         self._pending.forget(self)
+        if self._send_timer is not None:
+            self._stop_send_timer()
         self._held = None
         if self._reading and not self._tcp.closed:
             # The handle's read callback is a bound method of this connection,

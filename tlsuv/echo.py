@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import pyuv
 
-from . import _cli, policy, workers
+from . import _cli, activation, policy, upgrade, workers
 from ._openssl import data_path
 from ._uv import format_address
 from .certs import CertificateError, load_bundle, self_signed
@@ -26,6 +26,9 @@ from .server import Server, ServerError
 log = logging.getLogger("tlsuv.echo")
 
 GREETING = b"OK\r\n"
+
+# "tlsuv-echo" when started by that console script, else "python -m tlsuv.echo".
+PROG = _cli.program_name("tlsuv-echo", "tlsuv.echo")
 
 
 class EchoHandler(Handler):
@@ -51,7 +54,7 @@ def echo_factory(conn: Connection) -> Handler:
 
 
 def build_parser() -> _cli.ArgumentParser:
-    p = _cli.ArgumentParser(prog="python -m tlsuv.echo", description=__doc__.splitlines()[0])
+    p = _cli.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; ::1 for IPv6)")
     p.add_argument("--port", type=_cli.port_number, default=4433, help="TCP port (default 4433; 0 picks one)")
@@ -65,52 +68,69 @@ def build_parser() -> _cli.ArgumentParser:
                    help="close connections with no traffic for this long (default: off)")
     p.add_argument("--close-timeout", type=_cli.positive_float, default=5.0, metavar="SECONDS",
                    help="how long a graceful close waits for the peer (default 5)")
+    _cli.add_dead_peer_arguments(p)  # --keepalive, --send-timeout
     p.add_argument("--max-connections", type=_cli.positive_int, default=None, metavar="N",
                    help="refuse new connections beyond N open ones (default: no limit)")
     p.add_argument("--grace", type=_cli.positive_float, default=5.0, metavar="SECONDS",
-                   help="on SIGINT/SIGTERM, wait this long for connections to close (default 5)")
+                   help="on SIGINT/SIGTERM, keep serving open connections this long, then close them "
+                        "with close_notify (default 5)")
     p.add_argument("--log-level", choices=_cli.LOG_LEVELS, default="info")
     policy.add_arguments(p)  # --alpn, --client-ca, --sni, --tls-min/max, --ciphers, --keylog...
     workers.add_arguments(p)  # --workers, --stats-interval
     _cli.add_proxy_arguments(p)
+    activation.add_arguments(p)  # --listen-fd, --pid-file
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (args.cert is None) != (args.key is None):
-        _cli.fail("python -m tlsuv.echo: error: --cert and --key go together")
+        _cli.fail(f"{PROG}: error: --cert and --key go together")
     _cli.setup_logging(args.log_level)
+    try:  # LISTEN_FDS is read (and cleared) before anything else could inherit it
+        inherited = activation.inherited_sockets(args.listen_fd)
+    except activation.ActivationError as exc:
+        _cli.fail(f"{PROG}: error: {exc}")
     log.debug("data path: %s", data_path())
     try:
         bundle = load_bundle(args.cert, args.key) if args.cert is not None else self_signed()
         context = policy.context_from_args(args, bundle)
     except (CertificateError, policy.PolicyError) as exc:
-        _cli.fail(f"python -m tlsuv.echo: error: {exc}")
+        _cli.fail(f"{PROG}: error: {exc}")
     options = ConnectionOptions(
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
         close_timeout=args.close_timeout,
+        keepalive=args.keepalive,
+        send_timeout=args.send_timeout,
         allow_client_renegotiation=args.allow_client_renegotiation,
-        proxy=_cli.proxy_options(args, "python -m tlsuv.echo"),
+        proxy=_cli.proxy_options(args, PROG),
     )
 
+    announced: list[tuple[str, int]] = []
+
     def announce(host: str, port: int) -> None:
-        if args.cert is None:
+        if args.cert is None and not announced:
             print(f"self-signed certificate for localhost, 127.0.0.1, ::1; "
                   f"SHA-256 fingerprint {bundle.fingerprint}", flush=True)
+        announced.append((host, port))
         print(f"tlsuv echo server listening on {format_address((host, port))}", flush=True)
 
     if args.workers > 1:  # forks, so before this process makes any loop (tlsuv.workers)
         return workers.run_cli(args, lambda lp: Server(
-            lp, context, echo_factory, options=options, max_connections=args.max_connections), announce)
+            lp, context, echo_factory, options=options, max_connections=args.max_connections), announce,
+            PROG, sockets=inherited)
+    ready_fd = upgrade.take_ready_fd()  # started by an upgrading tree (auto workers, now one CPU)
     loop = pyuv.Loop()
     server = Server(loop, context, echo_factory, options=options, max_connections=args.max_connections)
     try:
-        host, port = server.listen(args.host, args.port)
+        if inherited:
+            for sock, _ in inherited:
+                server.listen_socket(sock)
+        else:
+            server.listen(args.host, args.port)
     except ServerError as exc:
-        _cli.fail(f"python -m tlsuv.echo: error: {exc}")
-    announce(host, port)
+        _cli.fail(f"{PROG}: error: {exc}")
     workers.log_stats_every(loop, server, args.stats_interval)
 
     signals: list[pyuv.Signal] = []
@@ -120,19 +140,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             h.close()
 
     def on_signal(handle: pyuv.Signal, signum: int) -> None:
+        if signum == signal.SIGUSR2:  # its default action would kill us, and every connection
+            log.warning("SIGUSR2: upgrades need a supervising parent (--workers 2 or more); ignored")
+            return
         if server.closing:
             log.info("second signal: aborting all connections")
             server.abort()
             return
-        log.info("%s: closing %d connection(s), grace %.1fs",
+        log.info("%s: draining %d connection(s), grace %.1fs",
                  signal.Signals(signum).name, len(server.connections), args.grace)
-        server.close(args.grace, done)
+        server.drain(args.grace, done)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
         h = pyuv.Signal(loop)
         h.start(on_signal, signum)
         signals.append(h)
-    loop.run()
+    # Handlers first, announcement after: whoever reads the announcement may signal at once
+    # (SIGUSR2's default action would end the process).
+    if args.pid_file is not None:
+        try:
+            activation.write_pid_file(args.pid_file)
+        except OSError as exc:
+            _cli.fail(f"{PROG}: error: cannot write --pid-file {args.pid_file}: {exc.strerror}")
+    for host, port in server.addresses:
+        announce(host, port)
+    if ready_fd is not None:
+        upgrade.report_ready(ready_fd)
+    else:
+        activation.notify("READY=1")
+    try:
+        loop.run()
+    finally:
+        if args.pid_file is not None:
+            activation.remove_pid_file(args.pid_file)
     return 0
 
 

@@ -71,7 +71,15 @@ class TransportError(TLSUVError):
 
 
 class TimeoutError(TLSUVError, builtins.TimeoutError):
-    """A handshake, idle or close deadline passed.  ``phase`` names which."""
+    """A deadline passed.  ``phase`` names which.
+
+    ``connect``, ``proxy header``, ``handshake``, ``idle`` and ``close`` are
+    the connection's phase deadlines; ``send`` means data queued for the peer
+    made no progress for the send timeout (tlsuv's timer, or the kernel's
+    TCP_USER_TIMEOUT), ``keepalive`` that the peer answered none of TCP's
+    keepalive probes.  The kernel's verdicts keep libuv's error
+    (a :class:`TransportError`, ``connection timed out``) as ``__cause__``.
+    """
 
     def __init__(self, message: str, *, phase: str):
         super().__init__(message)

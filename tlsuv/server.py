@@ -4,9 +4,16 @@ The seed's ``on_new_connection``: accept, build the TLS engine with its two
 memory BIOs, call ``established`` and start reading -- no explicit
 ``SSL_accept``; the handshake happens as reads and writes flow.  Added here:
 IPv4 and IPv6 (port 0 picks a free port and :attr:`Server.address` reports
-it), a connection limit, and an orderly :meth:`Server.close` that stops
-accepting, closes every connection gracefully and aborts what is left after a
-grace period.
+it), a connection limit, and two orderly endings: :meth:`Server.close` stops
+accepting, closes every connection gracefully at once and aborts what is left
+after a grace period; :meth:`Server.drain` stops accepting but keeps serving
+the open connections until they end by themselves or the grace period does,
+and only then closes them gracefully -- what a restart or an upgrade wants,
+since the client of a connection closed early sees its answer cut short.
+
+A server may listen on several sockets (an IPv4 and an IPv6 address, or the
+sockets systemd hands over); they share one connection limit, one set of
+counters and one shutdown.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ from typing import Final
 import pyuv
 from OpenSSL import SSL
 
+from . import _sockopt
 from ._uv import format_address, socket_address, uv_error_text
 from .connection import Connection, ConnectionOptions
-from .errors import TLSUVError
+from .errors import TimeoutError, TLSUVError
 from .handler import HandlerFactory
 from .pending import PendingList
 
@@ -30,6 +38,12 @@ log = logging.getLogger("tlsuv")
 # Linux caps listen() at net.core.somaxconn (4096 on current kernels); asking
 # for more is harmless and lets a burst of handshakes queue instead of failing.
 DEFAULT_BACKLOG: Final = 4096
+
+# drain(): once the grace period is over, connections get close_notify and this
+# long to answer it before they are aborted.  A peer that is still there answers
+# within a round trip; the bound keeps a whole drain inside the grace period plus
+# the 5 s after which tlsuv.workers kills a worker that has not finished.
+DRAIN_CLOSE_WAIT: Final = 2.0
 
 
 class ServerError(TLSUVError):
@@ -69,15 +83,22 @@ class Server:
         # Connections accepted on one listener share their local address;
         # one tuple for all of them instead of one each (~150 bytes).
         self._sockname: tuple[str, int] | None = None
-        self._listener: pyuv.TCP | None = None
-        self._address: tuple[str, int] | None = None
+        self._listeners: list[pyuv.TCP] = []
+        self._address: tuple[str, int] | None = None  # the first listener's
+        self._addresses: list[tuple[str, int]] = []
         self._closing = False
+        # Keepalive and TCP_USER_TIMEOUT are set on the listener; whether accepted
+        # sockets inherit them is checked once, at the first accept (_configure).
+        self._inherits: bool | None = None
         self._grace_timer: pyuv.Timer | None = None
         self._on_closed: Callable[[], None] | None = None
         # Counters for logs and stats.
         self.accepted = 0
         self.refused = 0
         self.handshakes_failed = 0
+        # Connections ended by a deadline, by TimeoutError.phase: "handshake",
+        # "idle", "close", "send", "keepalive", "proxy header".
+        self.timeouts: dict[str, int] = {}
         # Ciphertext bytes of connections that are gone; add the open ones' for a total.
         self.ended_bytes_in = 0
         self.ended_bytes_out = 0
@@ -87,9 +108,9 @@ class Server:
     def listen(
         self, host: str = "127.0.0.1", port: int = 0, backlog: int = DEFAULT_BACKLOG
     ) -> tuple[str, int]:
-        """Bind and listen; return the bound ``(host, port)``."""
-        if self._listener is not None:
-            raise ServerError("server is already listening")
+        """Bind and listen; return the bound ``(host, port)``.  May be called again for more addresses."""
+        if self._closing:
+            raise ServerError("server is closing")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         tcp = pyuv.TCP(self.loop)
         try:
@@ -102,17 +123,21 @@ class Server:
         except (OverflowError, ValueError, TypeError) as exc:  # pyuv's own argument checks
             tcp.close()
             raise ServerError(f"cannot listen on {format_address((host, port))}: {exc}") from exc
-        name = tcp.getsockname()
-        self._listener = tcp
-        self._address = (str(name[0]), int(name[1]))
-        log.info("listening on %s (%s)", format_address(self._address),
+        address = self._add_listener(tcp)
+        log.info("listening on %s (%s)", format_address(address),
                  "IPv6" if family == socket.AF_INET6 else "IPv4")
-        return self._address
+        return address
 
     def listen_socket(self, sock: socket.socket, backlog: int = DEFAULT_BACKLOG) -> tuple[str, int]:
-        """Adopt a bound socket made in Python (e.g. with SO_REUSEPORT) and listen on it."""
-        if self._listener is not None:
-            raise ServerError("server is already listening")
+        """Adopt a bound socket made in Python (e.g. with SO_REUSEPORT) and listen on it.
+
+        The socket may already be listening (one inherited from systemd or
+        from the previous process during an upgrade): connections the kernel
+        has queued on it are kept, and ``backlog`` replaces its queue length.
+        The server owns the descriptor afterwards.
+        """
+        if self._closing:
+            raise ServerError("server is closing")
         tcp = pyuv.TCP(self.loop)
         sock.setblocking(False)
         try:
@@ -126,22 +151,36 @@ class Server:
         except pyuv.error.UVError as exc:
             tcp.close()
             raise ServerError(f"cannot listen: {uv_error_text(exc)}") from exc
+        address = self._add_listener(tcp)
+        log.info("listening on %s (adopted socket)", format_address(address))
+        return address
+
+    def _add_listener(self, tcp: pyuv.TCP) -> tuple[str, int]:
         name = tcp.getsockname()
-        self._listener = tcp
-        self._address = (str(name[0]), int(name[1]))
-        log.info("listening on %s (adopted socket)", format_address(self._address))
-        return self._address
+        address = (str(name[0]), int(name[1]))
+        self._configure_listener(tcp)
+        self._listeners.append(tcp)
+        self._addresses.append(address)
+        if self._address is None:
+            self._address = address
+        return address
 
     @property
     def closing(self) -> bool:
-        """:meth:`close` or :meth:`abort` was called: no new connections are accepted."""
+        """:meth:`close`, :meth:`drain` or :meth:`abort` was called: no new connections are accepted."""
         return self._closing
 
     @property
     def address(self) -> tuple[str, int]:
+        """The first address listened on."""
         if self._address is None:
             raise ServerError("server is not listening")
         return self._address
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every address listened on, in order."""
+        return list(self._addresses)
 
     def _on_connection(self, listener: pyuv.TCP, error: int | None) -> None:
         if error is not None:
@@ -174,6 +213,8 @@ class Server:
             return
         self.accepted += 1
         tcp.nodelay(True)  # TLS records are already batched per loop iteration
+        if not self._inherits:
+            self._configure(tcp)
         conn = Connection(tcp, self.context, self.handler_factory, pending=self.pending,
                           options=self.options, on_gone=self._gone)
         if conn.sockname == self._sockname:
@@ -185,20 +226,44 @@ class Server:
         self.connections.add(conn)
         conn._start()
 
+    def _configure_listener(self, tcp: pyuv.TCP) -> None:
+        try:
+            _sockopt.configure(tcp, self.options.keepalive, self.options.send_timeout)
+        except (OSError, pyuv.error.UVError) as exc:
+            self._inherits = False  # set them on each connection instead
+            log.debug("cannot set keepalive/TCP_USER_TIMEOUT on the listener: %s", exc)
+
+    def _configure(self, tcp: pyuv.TCP) -> None:
+        """Keepalive and TCP_USER_TIMEOUT for an accepted socket that may not have inherited them."""
+        keepalive, send_timeout = self.options.keepalive, self.options.send_timeout
+        try:
+            if self._inherits is None:
+                # Once per server: Linux copies them from the listener, other systems may not.
+                self._inherits = _sockopt.configured(tcp, keepalive, send_timeout)
+                if self._inherits:
+                    return
+            _sockopt.configure(tcp, keepalive, send_timeout)
+        except (OSError, pyuv.error.UVError) as exc:  # gone already: its first read will say so
+            log.debug("cannot set keepalive/TCP_USER_TIMEOUT: %s", exc)
+
     def _connection_gone(self, conn: Connection) -> None:
         self.connections.discard(conn)
         self.ended_bytes_in += conn.bytes_in
         self.ended_bytes_out += conn.bytes_out
         if not conn.handshake_completed:
             self.handshakes_failed += 1
+        reason = conn.reason
+        if isinstance(reason, TimeoutError):
+            self.timeouts[reason.phase] = self.timeouts.get(reason.phase, 0) + 1
         if self._closing and not self.connections:
             self._all_closed()
 
     # -- shutdown ------------------------------------------------------------
 
     def stop_listening(self) -> None:
-        if self._listener is not None and not self._listener.closed:
-            self._listener.close()
+        for listener in self._listeners:
+            if not listener.closed:
+                listener.close()
 
     def close(self, grace: float | None = 5.0, callback: Callable[[], None] | None = None) -> None:
         """Stop accepting, close every connection gracefully, abort the rest after ``grace``.
@@ -219,6 +284,36 @@ class Server:
         if grace is not None:
             self._grace_timer = pyuv.Timer(self.loop)
             self._grace_timer.start(self._grace_expired, grace, 0.0)
+
+    def drain(self, grace: float | None = 5.0, callback: Callable[[], None] | None = None) -> None:
+        """Stop accepting; serve open connections until they end or ``grace`` runs out; then close them.
+
+        What a restart or an upgrade wants: a connection that was mid-way
+        through an exchange finishes it.  When ``grace`` seconds are over,
+        what is still open gets close_notify (a graceful close), and
+        :data:`DRAIN_CLOSE_WAIT` seconds later whatever has not finished is
+        aborted.  ``grace=None`` waits for the peers however long they take.
+        ``callback`` runs once everything is closed, as for :meth:`close`;
+        :meth:`abort` cuts a drain short.  Idempotent, and a no-op after :meth:`close`.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self._on_closed = callback
+        self.stop_listening()
+        if not self.connections:
+            self._all_closed()
+            return
+        if grace is not None:
+            self._grace_timer = pyuv.Timer(self.loop)
+            self._grace_timer.start(self._drain_expired, grace, 0.0)
+
+    def _drain_expired(self, timer: pyuv.Timer) -> None:
+        log.info("grace period over: closing %d connection(s)", len(self.connections))
+        for conn in list(self.connections):
+            conn.close()
+        if self.connections:
+            timer.start(self._grace_expired, DRAIN_CLOSE_WAIT, 0.0)
 
     def abort(self) -> None:
         """Close every connection at once and stop (a second Ctrl-C)."""

@@ -5,18 +5,43 @@ Why this module exists
 
 One pyuv loop runs on one core.  To use them all, tlsuv runs N *workers*,
 each a whole server (its own loop, its own listening socket), and lets the
-kernel spread connections: every worker opens its own socket with
-``SO_REUSEPORT`` on the same address and hands it to pyuv with
+kernel spread connections: every worker has its own socket, opened with
+``SO_REUSEPORT`` on the same address, and hands it to pyuv with
 :meth:`Server.listen_socket <tlsuv.Server.listen_socket>`.  Linux then
 balances new connections over the listening sockets by a hash of their
 addresses, with no accept lock and no shared state between workers.
 
-The parent (:class:`Supervisor`) serves nothing.  It binds the address first
-(so a bad address or a port in use fails at once, in one process, and port 0
-becomes one real port that every worker then joins), forks the workers,
-restarts any that dies (with a log line and an exponential back-off), turns
-SIGTERM/SIGINT into a graceful drain of every worker and a second signal into
-an abort, and adds up the workers' counters for ``--stats-interval``.
+The parent (:class:`Supervisor`) serves nothing.  It opens the workers'
+sockets itself (so a bad address or a port in use fails at once, in one
+process, and port 0 becomes one real port that every socket joins), forks
+the workers, restarts any
+that dies (with a log line and an exponential back-off), turns SIGTERM/SIGINT
+into a drain of every worker and a second signal into an abort, turns
+SIGUSR2 into an upgrade (:mod:`tlsuv.upgrade`), and adds up the workers'
+counters for ``--stats-interval``.
+
+Sockets: held by the parent, inherited or made
+==============================================
+
+The parent keeps every socket open for its whole life, and each worker
+serves copies of them.  A socket becomes a listening one when its first
+worker listens (before that a connection hashed to it would wait for a
+worker that may never come: a new tree that fails to start must not strand
+connections in the sockets it made), and from then on its queue lives as
+long as the parent.  A queue that is never closed never resets a connection
+waiting in it, which is what makes two things drop nothing:
+
+* **Upgrades.**  The new process tree inherits the very same sockets
+  (named ``tlsuv-reuseport`` in ``LISTEN_FDNAMES``).  For a while an old
+  and a new worker accept from the same queue; then the old one drains.
+  If the new tree has a different number of workers, the sockets are dealt
+  out in turn (a worker may serve two) and missing ones are made.
+* **Socket activation.**  Sockets inherited from systemd or ``--listen-fd``
+  (any other name) cannot be multiplied -- one queue per address, owned by
+  the service manager -- so *every* worker accepts from each of them: the
+  pre-fork model, where the worker that wakes first takes the connection.
+  It balances less evenly than SO_REUSEPORT's hash, and it survives
+  restarts of the whole service, which is its point.
 
 Fork, not spawn
 ===============
@@ -60,11 +85,15 @@ The traps, and how each is handled
   :data:`RESTART_DELAY_MAX`; one that ran :data:`STABLE_AFTER` seconds starts
   the count afresh.
 
-* **A killed worker loses its accept queue.**  Connections the kernel had
-  queued on its socket but it had not accepted are reset: Linux does not
-  move them to the other sockets unless ``net.ipv4.tcp_migrate_req`` is 1
-  (5.14+).  Established connections of that worker die with it.  New
-  connections go to the others at once.
+* **A killed worker keeps its queue -- for a while.**  Its socket stays
+  open in the parent, so connections the kernel hashes to it wait for the
+  replacement (0.1 s later) instead of being reset.  A worker that keeps
+  dying waits longer and longer (the back-off); once the wait would exceed
+  :data:`SOCKET_KEEP_MAX` its socket is closed, so new connections go to
+  the other workers at once (what was queued on it is reset, unless
+  ``net.ipv4.tcp_migrate_req`` is 1, Linux 5.14+), and it gets a fresh one
+  when it starts again.  Established connections of a dead worker die
+  with it.
 
 * **Only Linux balances.**  ``SO_REUSEPORT`` exists on the BSDs and macOS
   but does not spread connections there; this module needs Linux.
@@ -87,13 +116,13 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Final, NoReturn
 
 import pyuv
 
-from . import _cli
+from . import _cli, activation, upgrade
 from ._uv import format_address
 from .server import DEFAULT_BACKLOG, Server, ServerError
 
@@ -137,7 +166,22 @@ TICK: Final = 1.0
 # What a worker that crashed outside the server returns (BSD's EX_SOFTWARE).
 EXIT_CRASH: Final = 70
 
+# A dead worker's socket stays open (connections hashed to it wait) while its
+# restart is at most this far off: the first few quick restarts.  Beyond it, a
+# crash loop, the socket is closed so the other workers take new connections.
+SOCKET_KEEP_MAX: Final = 1.0
+
+# The LISTEN_FDNAMES name of the per-worker SO_REUSEPORT sockets handed over in
+# an upgrade: the next tree deals these out over its workers, and shares any
+# other inherited socket (systemd's) among all of them.
+REUSEPORT_NAME: Final = "tlsuv-reuseport"
+
 _worker_number: int | None = None
+
+# Selector keys of the upgrade's readiness pipe (workers' keys carry the _Worker):
+# the old parent reads it, the new one watches its end for the reader's close.
+_SUCCESSOR: Final = object()
+_PREDECESSOR: Final = object()
 
 
 def worker_number() -> int | None:
@@ -223,10 +267,17 @@ class Supervisor:
 
     ``setup`` is called in each worker (after the fork) with the worker's new
     loop and returns a :class:`~tlsuv.Server` that is not listening yet; the
-    worker makes its ``SO_REUSEPORT`` socket and listens.  :meth:`bind` claims
-    the address (call it to learn the port before :meth:`run`);
-    :meth:`run` supervises until every worker has drained and returns the
-    exit status: 0 when all of them finished their drain, 1 otherwise.
+    worker listens on its sockets.  :meth:`bind` opens them (call it to learn
+    the port before :meth:`run`); :meth:`run` supervises until every worker
+    has drained and returns the exit status: 0 when all of them finished
+    their drain, 1 otherwise.
+
+    ``sockets`` (``(socket, name)`` pairs, see
+    :func:`tlsuv.activation.inherited_sockets`) replaces ``host``/``port``:
+    listening sockets inherited from systemd, ``--listen-fd`` or the
+    previous tree of an upgrade.  ``pid_file`` is written once every worker
+    listens.  ``upgrade_timeout`` bounds how long SIGUSR2 waits for the new
+    tree.
     """
 
     def __init__(
@@ -239,6 +290,9 @@ class Supervisor:
         grace: float | None = 5.0,
         stats_interval: float | None = None,
         backlog: int = DEFAULT_BACKLOG,
+        sockets: Sequence[tuple[socket.socket, str]] = (),
+        pid_file: str | None = None,
+        upgrade_timeout: float = upgrade.READY_TIMEOUT,
     ) -> None:
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be 1-{MAX_WORKERS}")
@@ -252,8 +306,8 @@ class Supervisor:
         self.backlog = backlog
         self.workers = [_Worker(n) for n in range(1, workers + 1)]
         self.address: tuple[str, int] | None = None
+        self._addresses: list[tuple[str, int]] = []
         self._family = socket.AF_INET
-        self._reservation: socket.socket | None = None
         self._selector: selectors.BaseSelector | None = None
         self._wakeup: tuple[int, int] | None = None
         self._signals: list[int] = []
@@ -264,46 +318,121 @@ class Supervisor:
         self._retired = Counters()
         self._next_stats: float | None = None
         self._on_ready: Callable[[], None] | None = None
+        # Listening sockets (module docstring): inherited ones every worker
+        # serves, and each worker's own SO_REUSEPORT ones.
+        self._inherited = list(sockets)
+        self._shared: list[tuple[socket.socket, str]] = []
+        self._own: dict[int, list[socket.socket]] = {}
+        self._reuseport = False  # workers have sockets of their own (to replace if lost)
+        self.pid_file = pid_file
+        self.upgrade_timeout = upgrade_timeout
+        self._ready_fd: int | None = None  # we are an upgrade's new tree: tell the old one
+        self._successor: upgrade.Successor | None = None
+        self._failed_successors: list[int] = []  # stopped, to be reaped
+        self._handed_over = False
+        self._stop_signals = 0
 
     # -- set-up --------------------------------------------------------------
 
     def bind(self) -> tuple[str, int]:
-        """Claim the address (bound, never listening) and return it; port 0 becomes a real port.
+        """Open the sockets and return the (first) address; port 0 becomes a real port.
 
-        Every worker binds the same port with SO_REUSEPORT; a bound socket
-        that does not listen receives no connections, so this one only holds
-        the port and reports errors early.
+        One bound SO_REUSEPORT socket per worker (it listens once its worker
+        does), or the inherited ``sockets``.
         """
         if self.address is not None:
+            return self.address
+        if self._inherited:
+            self._adopt_inherited()
+            self._remember_addresses()
+            assert self.address is not None
             return self.address
         try:
             ip = ipaddress.ip_address(self.host)
         except ValueError:
             raise ServerError(f"cannot listen on {self.host!r}: not a numeric IP address") from None
         self._family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        self._reuseport = True
+        try:
+            for w in self.workers:
+                self._own[w.number] = [self._open_socket()]
+        except ServerError:
+            self._close_sockets()
+            raise
+        self._remember_addresses()
+        assert self.address is not None
+        return self.address
+
+    def _adopt_inherited(self) -> None:
+        mine = [s for s, name in self._inherited if name == REUSEPORT_NAME]
+        self._shared = [(s, name) for s, name in self._inherited if name != REUSEPORT_NAME]
+        for i, sock in enumerate(mine):  # dealt out in turn: a worker may get two
+            self._own.setdefault(self.workers[i % len(self.workers)].number, []).append(sock)
+        first = (mine or [s for s, _ in self._shared])[0]
+        self._family = socket.AddressFamily(first.family)
+        name = first.getsockname()
+        self.address = (str(name[0]), int(name[1]))
+        if mine:
+            self._reuseport = True
+            for w in self.workers:  # more workers than before: make the missing sockets
+                if not self._own.get(w.number):
+                    self._own[w.number] = [self._open_socket()]
+
+    def _open_socket(self) -> socket.socket:
+        """A bound SO_REUSEPORT socket on our address (the first one fixes the port)."""
+        where = self.address or (self.host, self.port)
         sock = _reuseport_socket(self._family)
         try:
-            sock.bind((self.host, self.port))
+            sock.bind(where)
         except OSError as exc:
             sock.close()
-            raise ServerError(f"cannot listen on {format_address((self.host, self.port))}: "
-                              f"{exc.strerror or exc}") from exc
-        self._reservation = sock
-        name = sock.getsockname()
-        self.address = (str(name[0]), int(name[1]))
-        return self.address
+            raise ServerError(f"cannot listen on {format_address(where)}: {exc.strerror or exc}") from exc
+        if self.address is None:
+            name = sock.getsockname()
+            self.address = (str(name[0]), int(name[1]))
+        return sock
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Every distinct address served, in order (several when systemd passed several sockets)."""
+        return list(self._addresses)
+
+    def _remember_addresses(self) -> None:
+        # Read while every socket is open: the parent closes its copies when it drains.
+        socks = [s for s, _ in self._shared] + [s for own in self._own.values() for s in own]
+        for sock in socks:
+            name = sock.getsockname()
+            addr = (str(name[0]), int(name[1]))
+            if addr not in self._addresses:
+                self._addresses.append(addr)
+
+    def _sockets_of(self, w: _Worker) -> list[socket.socket]:
+        return [s for s, _ in self._shared] + self._own.get(w.number, [])
+
+    def _close_sockets(self) -> None:
+        for sock, _ in self._shared:
+            sock.close()
+        for own in self._own.values():
+            for sock in own:
+                sock.close()
 
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
         """Fork the workers and supervise them until they have drained; return the exit status.
 
         ``on_ready`` runs once every worker has listened: before that,
-        connections to the claimed port are refused.
+        connections to the address are refused (except on inherited sockets,
+        where they wait in the queue).
         """
         self.bind()
         self._on_ready = on_ready
+        self._ready_fd = upgrade.take_ready_fd()
         assert self.address is not None
-        log.info("starting %d workers on %s", len(self.workers), format_address(self.address))
+        log.info("starting %d workers on %s", len(self.workers),
+                 ", ".join(format_address(a) for a in self.addresses))
         self._selector = selectors.DefaultSelector()
+        if self._ready_fd is not None:
+            # A pipe's write end turns readable (an error) when the reader closes it.
+            self._selector.register(self._ready_fd, selectors.EVENT_READ, _PREDECESSOR)
         self._install_signals()
         try:
             for w in self.workers:
@@ -315,9 +444,14 @@ class Supervisor:
             self._restore_signals()
             for w in self.workers:
                 self._close_channel(w)
+            if self._successor is not None:
+                self._successor.close()
             self._selector.close()
-            if self._reservation is not None:
-                self._reservation.close()
+            self._close_sockets()
+            if self._ready_fd is not None:
+                os.close(self._ready_fd)
+            if self.pid_file is not None:
+                activation.remove_pid_file(self.pid_file)
 
     def _install_signals(self) -> None:
         r, w = os.pipe()
@@ -326,7 +460,7 @@ class Supervisor:
         self._wakeup = (r, w)
         assert self._selector is not None
         self._selector.register(r, selectors.EVENT_READ, None)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR2):
             self._saved_handlers[signum] = signal.signal(signum, self._on_signal)
         # The handlers only record; the wake-up fd makes select() return.
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
@@ -364,6 +498,7 @@ class Supervisor:
                         self._spawn(w)
             if self._kill_at is not None and now >= self._kill_at:
                 self._kill_stragglers()
+            self._watch_successor()
             if self._next_stats is not None and now >= self._next_stats:
                 log.info("%s", self._totals().line(len(self.workers)))
                 assert self.stats_interval is not None
@@ -371,6 +506,10 @@ class Supervisor:
             for key, _ in self._selector.select(self._timeout()):
                 if key.data is None:
                     _drain_fd(key.fd)
+                elif key.data is _SUCCESSOR:
+                    self._watch_successor()
+                elif key.data is _PREDECESSOR:
+                    self._predecessor_gone()
                 else:
                     self._read_messages(key.data)
         # None: the worker was down (waiting for its restart) when the drain began.
@@ -388,6 +527,8 @@ class Supervisor:
         deadlines = [w.restart_at for w in self.workers
                      if not w.pid and w.restart_at is not None and not self._draining]
         deadlines += [t for t in (self._kill_at, self._next_stats) if t is not None]
+        if self._successor is not None:
+            deadlines.append(self._successor.deadline)
         if not deadlines:
             return TICK
         return max(0.0, min(min(deadlines) - now, TICK))
@@ -396,15 +537,18 @@ class Supervisor:
         while self._signals:
             signum = self._signals.pop(0)
             name = signal.Signals(signum).name
+            if signum == signal.SIGUSR2:
+                self._start_upgrade()
+                continue
+            # A drain that an upgrade started is not a signal: the first stop
+            # signal after it keeps draining, only a second one aborts.
+            self._stop_signals += 1
+            if self._successor is not None:  # a stop during an upgrade stops both trees
+                self._stop_successor(f"{name} during the upgrade")
             if not self._draining:
-                self._draining = True
-                alive = [w for w in self.workers if w.pid]
-                log.info("%s: draining %d worker(s), grace %s", name, len(alive),
-                         "unlimited" if self.grace is None else f"{self.grace:.1f}s")
-                for w in alive:
-                    self._send(w, {"order": "drain"})
-                if self.grace is not None:
-                    self._kill_at = time.monotonic() + self.grace + KILL_MARGIN
+                self._begin_drain(name)
+            elif self._stop_signals == 1:
+                log.info("%s: already draining", name)
             else:
                 log.info("%s again: aborting all connections", name)
                 for w in self.workers:
@@ -412,6 +556,21 @@ class Supervisor:
                         self._send(w, {"order": "abort"})
                 deadline = time.monotonic() + ABORT_MARGIN
                 self._kill_at = deadline if self._kill_at is None else min(self._kill_at, deadline)
+
+    def _begin_drain(self, why: str) -> None:
+        self._draining = True
+        # Our copies of the sockets go now: once the workers have closed
+        # theirs, a stopping server refuses new connections at once instead
+        # of queueing them for nobody (the old behaviour, and what a balancer
+        # needs to fail over).  After an upgrade the new tree holds them.
+        self._close_sockets()
+        alive = [w for w in self.workers if w.pid]
+        log.info("%s: draining %d worker(s), grace %s", why, len(alive),
+                 "unlimited" if self.grace is None else f"{self.grace:.1f}s")
+        for w in alive:
+            self._send(w, {"order": "drain"})
+        if self.grace is not None:
+            self._kill_at = time.monotonic() + self.grace + KILL_MARGIN
 
     def _kill_stragglers(self) -> None:
         self._kill_at = None
@@ -457,6 +616,11 @@ class Supervisor:
             delay = self._schedule_restart(w)
             log.warning("worker %d (pid %d) %s after %.1fs; restarting in %.1fs",
                         w.number, pid, how, lived, delay)
+            if delay > SOCKET_KEEP_MAX and self._own.get(w.number):
+                for sock in self._own.pop(w.number):
+                    sock.close()
+                log.warning("worker %d: closed its listening socket until it is back: new "
+                            "connections go to the other workers", w.number)
 
     def _schedule_restart(self, w: _Worker) -> float:
         delay: float = min(RESTART_DELAY_MIN * 2.0 ** w.quick_deaths, RESTART_DELAY_MAX)
@@ -469,6 +633,147 @@ class Supervisor:
         for w in self.workers:
             total = total + w.counters
         return total
+
+    # -- upgrades (tlsuv.upgrade) ----------------------------------------------
+
+    def _serving(self) -> None:
+        """Every worker listens: tell whoever waits for us."""
+        if self.pid_file is not None:
+            try:
+                activation.write_pid_file(self.pid_file)
+            except OSError as exc:
+                log.error("cannot write the pid file %s: %s", self.pid_file, exc.strerror)
+        if self._ready_fd is not None:
+            # We are the new tree of an upgrade: the old parent tells the
+            # service manager our pid (MAINPID=) once it has heard this.
+            self._unwatch_predecessor()
+            upgrade.report_ready(self._ready_fd)
+            self._ready_fd = None
+        else:
+            activation.notify("READY=1")
+
+    def _predecessor_gone(self) -> None:
+        """Our readiness pipe closed before we served: the old parent gave up on us, or died."""
+        self._unwatch_predecessor()
+        if self._ready_fd is not None:
+            os.close(self._ready_fd)
+            self._ready_fd = None
+        if not self._draining:
+            self._begin_drain("the process that started this upgrade stopped it")
+
+    def _unwatch_predecessor(self) -> None:
+        if self._selector is not None and self._ready_fd is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(self._ready_fd)
+
+    def _start_upgrade(self) -> None:
+        if self._draining:
+            log.warning("SIGUSR2: not upgrading: this tree is %s",
+                        "handing over to a new one" if self._handed_over else "stopping")
+            return
+        if self._successor is not None:
+            log.warning("SIGUSR2: an upgrade is already in progress (new process %d)",
+                        self._successor.pid)
+            return
+        if self._ready_fd is not None:
+            log.warning("SIGUSR2: not upgrading: this tree is itself starting as an upgrade")
+            return
+        handed = list(self._shared) + [(sock, REUSEPORT_NAME) for w in self.workers
+                                       for sock in self._own.get(w.number, [])]
+        argv = upgrade.command_line()
+        log.info("SIGUSR2: starting a new process tree on %d socket(s): %s", len(handed), " ".join(argv))
+        try:
+            successor = upgrade.spawn(handed, argv, self.upgrade_timeout)
+        except OSError as exc:
+            log.error("upgrade failed: cannot start the new process: %s; still serving (pid %d)",
+                      exc.strerror or exc, os.getpid())
+            return
+        self._successor = successor
+        assert self._selector is not None
+        self._selector.register(successor.fd, selectors.EVENT_READ, _SUCCESSOR)
+        log.info("upgrade: new parent is pid %d; waiting until all its workers serve", successor.pid)
+
+    def _watch_successor(self) -> None:
+        for pid in list(self._failed_successors):
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    continue
+            self._failed_successors.remove(pid)
+        successor = self._successor
+        if successor is None:
+            return
+        ready = successor.poll() if not successor.hung_up else False
+        if ready is False and not successor.hung_up:
+            # Usually it is exiting (its descriptors close just before its
+            # status can be collected): wait a moment for the real reason.
+            successor.hung_up = True
+            successor.deadline = min(successor.deadline, time.monotonic() + upgrade.EXIT_WAIT)
+            assert self._selector is not None
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(successor.fd)
+        try:
+            pid, status = os.waitpid(successor.pid, os.WNOHANG)
+        except ChildProcessError:  # pragma: no cover - reaped by someone else
+            pid, status = successor.pid, 0
+        if pid:  # even after "ready": a tree that died cannot take over
+            code = os.waitstatus_to_exitcode(status)
+            how = f"exited with status {code}" if code >= 0 else f"was killed by {signal.Signals(-code).name}"
+            self._upgrade_failed(f"the new process (pid {pid}) {how} before all its workers served",
+                                 reaped=True)
+        elif ready:
+            self._hand_over(successor)
+        elif time.monotonic() < successor.deadline:
+            return
+        elif successor.hung_up:
+            self._upgrade_failed(f"the new process (pid {successor.pid}) closed its readiness pipe "
+                                 "without reporting ready")
+        else:
+            self._upgrade_failed(f"the new process (pid {successor.pid}) did not serve within "
+                                 f"{self.upgrade_timeout:g}s")
+
+    def _hand_over(self, successor: upgrade.Successor) -> None:
+        self._forget_successor()
+        self._handed_over = True
+        log.info("upgrade: the new tree (pid %d) serves after %.1fs; this one (pid %d) drains",
+                 successor.pid, time.monotonic() - successor.started, os.getpid())
+        # The manager must follow the new parent before this one exits, or it
+        # would take our exit for the service's end (Type=notify).
+        activation.notify(f"MAINPID={successor.pid}")
+        self._begin_drain("upgrade")
+
+    def _upgrade_failed(self, why: str, reaped: bool = False) -> None:
+        successor = self._successor
+        assert successor is not None
+        self._forget_successor()
+        log.error("upgrade failed: %s; still serving with this tree (pid %d)", why, os.getpid())
+        if not reaped:
+            self._stop(successor.pid)
+
+    def _stop_successor(self, why: str) -> None:
+        successor = self._successor
+        assert successor is not None
+        # Closing the pipe is the order: the new parent drains when it sees
+        # it close (_predecessor_gone).  A signal could reach it twice (once
+        # from us, once from a terminal or an init system) and mean "abort".
+        self._forget_successor()
+        self._failed_successors.append(successor.pid)
+        log.info("%s: the new process %d stops too", why, successor.pid)
+
+    def _stop(self, pid: int) -> None:
+        # SIGTERM: a new parent drains its workers (and kills any that hang)
+        # like any tlsuv parent; before it has any, SIGTERM just ends it.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        self._failed_successors.append(pid)
+
+    def _forget_successor(self) -> None:
+        successor, self._successor = self._successor, None
+        if successor is None:
+            return
+        if self._selector is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(successor.fd)
+        successor.close()
 
     # -- talking to workers ----------------------------------------------------
 
@@ -504,6 +809,7 @@ class Supervisor:
                 w.listened = True
                 if self._on_ready is not None and all(x.listened for x in self.workers):
                     on_ready, self._on_ready = self._on_ready, None
+                    self._serving()
                     on_ready()
             w.counters = Counters.from_message(message)
 
@@ -520,6 +826,13 @@ class Supervisor:
 
     def _spawn(self, w: _Worker) -> None:
         assert self._selector is not None and self.address is not None
+        if self._reuseport and not self._own.get(w.number):
+            try:  # its socket was closed during a crash loop (_reap): a fresh one
+                self._own[w.number] = [self._open_socket()]
+            except ServerError as exc:
+                delay = self._schedule_restart(w)
+                log.error("cannot start worker %d: %s; retrying in %.1fs", w.number, exc, delay)
+                return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # Output buffered now would be written twice, once by each process.
         for stream in (sys.stdout, sys.stderr):
@@ -550,6 +863,7 @@ class Supervisor:
             # other workers' channels, the port reservation, the selector.
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (module docstring)
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # upgrades are the parent's too
             for signum in (signal.SIGTERM, signal.SIGCHLD):
                 signal.signal(signum, signal.SIG_DFL)
             if self._wakeup is not None:
@@ -558,15 +872,20 @@ class Supervisor:
             for other in self.workers:
                 if other.channel is not None:
                     other.channel.close()
-            if self._reservation is not None:
-                self._reservation.close()
+            for number, own in self._own.items():  # the other workers' queues are theirs
+                if number != w.number:
+                    for sock in own:
+                        sock.close()
+            if self._ready_fd is not None:
+                os.close(self._ready_fd)
+            if self._successor is not None:
+                self._successor.close()
             if self._selector is not None:
                 self._selector.close()
             global _worker_number  # noqa: PLW0603 -- set once, right after the fork
             _worker_number = w.number
             _tag_logs(w.number)
-            assert self.address is not None
-            code = _Child(self, channel, self.address).run()
+            code = _Child(self, channel, self._sockets_of(w)).run()
         except BaseException:
             log.critical("worker %d crashed", w.number, exc_info=True)
         finally:
@@ -582,10 +901,10 @@ class Supervisor:
 class _Child:
     """One worker: its loop, its server, its channel to the parent."""
 
-    def __init__(self, sup: Supervisor, channel: socket.socket, address: tuple[str, int]) -> None:
+    def __init__(self, sup: Supervisor, channel: socket.socket, sockets: list[socket.socket]) -> None:
         self.sup = sup
         self.channel = channel
-        self.address = address
+        self.sockets = sockets
         self.loop = pyuv.Loop()
         self.server: Server | None = None
         self.handles: list[pyuv.Handle] = []
@@ -594,13 +913,8 @@ class _Child:
     def run(self) -> int:
         loop = self.loop
         self.server = server = self.sup.setup(loop)
-        sock = _reuseport_socket(self.sup._family)
-        try:
-            sock.bind(self.address)
-        except OSError:
-            sock.close()
-            raise
-        server.listen_socket(sock, self.sup.backlog)
+        for sock in self.sockets:  # copies of the parent's, which keeps them open
+            server.listen_socket(sock, self.sup.backlog)
         self.channel.setblocking(False)
         poll = pyuv.Poll(loop, self.channel.fileno())
         poll.start(pyuv.UV_READABLE, self._on_channel)
@@ -656,8 +970,9 @@ class _Child:
             return
         self.draining = True
         assert self.server is not None
-        log.info("draining %d connection(s)", len(self.server.connections))
-        self.server.close(self.sup.grace, self._closed)
+        count = len(self.server.connections)
+        self.server.drain(self.sup.grace, self._closed)
+        log.info("draining %d connection(s)", count)  # logged once no longer listening
 
     def _abort(self) -> None:
         self._drain()  # so the close callback is set and the loop can end
@@ -718,18 +1033,36 @@ def run(
     grace: float | None = 5.0,
     stats_interval: float | None = None,
     on_listening: Callable[[str, int], None] | None = None,
+    sockets: Sequence[tuple[socket.socket, str]] | None = None,
+    pid_file: str | None = None,
+    upgrade_timeout: float = upgrade.READY_TIMEOUT,
 ) -> int:
     """Serve with ``workers`` processes until SIGTERM/SIGINT; return the exit status.
 
     ``setup(loop)`` builds each worker's (not yet listening) server.
     ``on_listening(host, port)`` runs in the parent once every worker is
-    listening.  Raises :class:`~tlsuv.ServerError` if the address cannot be
-    bound (before any worker starts).
+    listening (once per address).  Raises :class:`~tlsuv.ServerError` if the
+    address cannot be bound (before any worker starts), and
+    :class:`~tlsuv.activation.ActivationError` for unusable inherited sockets.
+
+    ``sockets=None`` serves on the sockets passed with ``LISTEN_FDS`` (by
+    systemd, or by the previous tree during an upgrade) when there are any,
+    else binds ``host``/``port``; pass a list to choose.  SIGUSR2 upgrades
+    (:mod:`tlsuv.upgrade`) by running this program's command line again.
     """
+    if sockets is None:
+        sockets = activation.inherited_sockets()
     sup = Supervisor(setup, host=host, port=port, workers=workers, grace=grace,
-                     stats_interval=stats_interval)
-    host, port = sup.bind()
-    return sup.run(None if on_listening is None else lambda: on_listening(host, port))
+                     stats_interval=stats_interval, sockets=sockets, pid_file=pid_file,
+                     upgrade_timeout=upgrade_timeout)
+    sup.bind()
+
+    def listening() -> None:
+        if on_listening is not None:
+            for h, p in sup.addresses:
+                on_listening(h, p)
+
+    return sup.run(listening)
 
 
 def worker_count(text: str) -> int:
@@ -770,15 +1103,26 @@ def run_cli(
     setup: Callable[[pyuv.Loop], Server],
     announce: Callable[[str, int], None],
     prog: str = "python -m tlsuv.echo",
+    sockets: Sequence[tuple[socket.socket, str]] = (),
 ) -> int:
-    """``--workers N`` for a command-line tool: bind, supervise, announce once all listen."""
+    """``--workers N`` for a command-line tool: bind, supervise, announce once all listen.
+
+    ``sockets``: inherited listening sockets (:func:`tlsuv.activation.inherited_sockets`)
+    to serve on instead of ``--host``/``--port``.  ``announce`` runs once per address.
+    """
     sup = Supervisor(setup, host=args.host, port=args.port, workers=args.workers, grace=args.grace,
-                     stats_interval=args.stats_interval)
+                     stats_interval=args.stats_interval, sockets=sockets,
+                     pid_file=getattr(args, "pid_file", None))
     try:
-        host, port = sup.bind()
+        sup.bind()
     except ServerError as exc:
         _cli.fail(f"{prog}: error: {exc}")
-    return sup.run(lambda: announce(host, port))
+
+    def listening() -> None:
+        for host, port in sup.addresses:
+            announce(host, port)
+
+    return sup.run(listening)
 
 
 __all__ = [

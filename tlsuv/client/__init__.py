@@ -57,18 +57,18 @@ from typing import TYPE_CHECKING, Any, Final
 import pyuv
 from OpenSSL import SSL
 
-from . import _openssl
-from ._uv import format_address, socket_address, uv_error_text
-from .connection import Connection, ConnectionOptions, Phase
-from .errors import TimeoutError, TransportError
-from .pending import PendingList
-from .policy import build_client_context
-from .tls import State
+from .. import _openssl, _sockopt
+from .._uv import format_address, socket_address, uv_error_text
+from ..connection import Connection, ConnectionOptions, Phase
+from ..errors import TimeoutError, TransportError
+from ..pending import PendingList
+from ..policy import build_client_context
+from ..tls import State
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from .handler import HandlerFactory
+    from ..handler import HandlerFactory
 
 log = logging.getLogger("tlsuv")
 
@@ -207,6 +207,10 @@ class _ClientConnection(Connection):
                                    f"{self._connect_error}", errno=error)
             return
         tcp.nodelay(True)  # TLS records are already batched per loop iteration
+        try:
+            _sockopt.configure(tcp, self._options.keepalive, self._options.send_timeout)
+        except (OSError, pyuv.error.UVError) as exc:  # gone already: its first read will say so
+            log.debug("cannot set keepalive/TCP_USER_TIMEOUT: %s", exc)
         self.peer = socket_address(tcp, "getpeername") or self.peer
         self.sockname = socket_address(tcp, "getsockname")
         log.debug("%s: connected", format_address(self.peer))
@@ -366,10 +370,3 @@ def connect(
                     options=options, connect_timeout=connect_timeout, resume_sessions=False)
     return client.connect(host, port, handler_factory, server_hostname=server_hostname)
 
-
-if __name__ == "__main__":  # python -m tlsuv.client
-    import sys
-
-    from .client_cli import main
-
-    sys.exit(main())
