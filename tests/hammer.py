@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import os
 import random
 import re
@@ -273,6 +274,23 @@ class LongLived:
     def close(self) -> None:
         for s in self.socks:
             s.close()
+
+
+class ServedBy:
+    """A hammer check: counts sessions by the digest of the certificate they were served with."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.order: list[str] = []
+
+    def __call__(self, s: ssl.SSLSocket) -> None:
+        der = s.getpeercert(binary_form=True)
+        assert der is not None, "no certificate"
+        digest = hashlib.sha256(der).hexdigest()
+        with self.lock:
+            self.counts[digest] += 1
+            self.order.append(digest)
 
 
 class ServerProcess:

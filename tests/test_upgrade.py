@@ -10,7 +10,6 @@ the upgrade, so each session can tell which tree served it.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 import pytest
 import trustme
 from conftest import Certs, ServerThread
-from hammer import Hammer, LongLived, NotifySocket, ServerProcess, recv_exactly
+from hammer import Hammer, LongLived, NotifySocket, ServedBy, ServerProcess, recv_exactly
 
 ECHO = [sys.executable, "-m", "tlsuv.echo"]
 HOST = "127.0.0.1"
@@ -66,23 +65,6 @@ def cert_files(certs: Certs, tmp_path: Path) -> CertFiles:
     files.cert.write_bytes(certs.cert_file.read_bytes())
     files.key.write_bytes(certs.key_file.read_bytes())
     return files
-
-
-class ServedBy:
-    """A hammer check: counts sessions by the digest of the certificate they were served with."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.counts: collections.Counter[str] = collections.Counter()
-        self.order: list[str] = []
-
-    def __call__(self, s: ssl.SSLSocket) -> None:
-        der = s.getpeercert(binary_form=True)
-        assert der is not None, "no certificate"
-        digest = hashlib.sha256(der).hexdigest()
-        with self.lock:
-            self.counts[digest] += 1
-            self.order.append(digest)
 
 
 def start(argv: list[str], **kwargs: object) -> tuple[ServerProcess, int]:

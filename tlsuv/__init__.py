@@ -4,6 +4,7 @@ The public surface::
 
     Server, Connection, ConnectionOptions, Handler, TLSEngine,
     self_signed, server_context, load_bundle, ServerPolicy, build_server_context,
+    ContextSet, build_context_set,
     ProxyOptions, and the errors;
     speedups_active() and data_path(): whether the compiled data path
     (tlsuv._speedups) runs, or the pure-Python one, and why.
@@ -23,6 +24,7 @@ from .errors import (
     HandlerError,
     HandshakeError,
     ProtocolError,
+    RefusedError,
     TimeoutError,
     TLSError,
     TLSUVError,
@@ -30,7 +32,7 @@ from .errors import (
     TruncationError,
 )
 from .handler import Handler, HandlerFactory
-from .policy import PolicyError, ServerPolicy, build_server_context
+from .policy import ContextSet, PolicyError, ServerPolicy, build_context_set, build_server_context
 from .proxy import ProxyOptions
 from .server import Server, ServerError
 from .tls import OP_ALLOW_CLIENT_RENEGOTIATION, State, TLSEngine
@@ -45,6 +47,7 @@ __all__ = [
     "Connection",
     "ConnectionClosedError",
     "ConnectionOptions",
+    "ContextSet",
     "Handler",
     "HandlerError",
     "HandlerFactory",
@@ -52,6 +55,7 @@ __all__ = [
     "PolicyError",
     "ProtocolError",
     "ProxyOptions",
+    "RefusedError",
     "Server",
     "ServerError",
     "ServerPolicy",
@@ -62,6 +66,7 @@ __all__ = [
     "TimeoutError",
     "TransportError",
     "TruncationError",
+    "build_context_set",
     "build_server_context",
     "data_path",
     "load_bundle",

@@ -286,6 +286,7 @@ class Connection:
         "_in_read",
         "_last_activity",
         "_on_gone",
+        "_on_proxy_header",
         "_options",
         "_pending",
         "_phase",
@@ -319,6 +320,7 @@ class Connection:
         options: ConnectionOptions,
         on_gone: Callable[[Connection], None] | None = None,
         server_side: bool = True,
+        on_proxy_header: Callable[[Connection], BaseException | None] | None = None,
         server_hostname: str | None = None,
     ) -> None:
         self._tcp = tcp
@@ -326,6 +328,7 @@ class Connection:
         self._pending = pending
         self._options = options
         self._on_gone = on_gone
+        self._on_proxy_header = on_proxy_header  # the server's per-client limits (tlsuv.limits)
         self._tls = TLSEngine(
             context,
             server_side=server_side,
@@ -742,6 +745,12 @@ class Connection:
             self.peer, self.sockname = header.source, header.destination
         log.debug("%s: PROXY v%d header from %s%s", format_address(self.peer), header.version,
                   format_address(self.proxy_peer), " (LOCAL)" if header.local else "")
+        # -- per-client limits: the real client is known only now; the server may refuse it.
+        refusal = self._on_proxy_header(self) if self._on_proxy_header is not None else None
+        if refusal is not None:
+            self._finish(refusal)  # nothing was sent yet, and TLS has nothing to say
+            return b""
+        # --
         self._set_phase(P_HANDSHAKING)
         self._begin_handshake()
         return b"" if self._phase is P_FINISHED else result.leftover

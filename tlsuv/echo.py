@@ -3,7 +3,8 @@
 Every connection gets ``OK\\r\\n`` the moment it is accepted -- before the TLS
 handshake, so that write takes the deferred path, as in the seed -- and then
 every byte it sends comes back.  A peer that does not read its echoes is
-paused (flow control) instead of growing our memory.
+paused (flow control) instead of growing our memory.  ``SIGHUP`` reloads the
+certificate files (:mod:`tlsuv.reload`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Final
 
 import pyuv
 
-from . import _cli, activation, policy, upgrade, workers
+from . import _cli, activation, limits, policy, reload, upgrade, workers
 from ._openssl import data_path
 from ._uv import format_address
 from .certs import CertificateError, load_bundle, self_signed
@@ -71,11 +73,15 @@ def build_parser() -> _cli.ArgumentParser:
     _cli.add_dead_peer_arguments(p)  # --keepalive, --send-timeout
     p.add_argument("--max-connections", type=_cli.positive_int, default=None, metavar="N",
                    help="refuse new connections beyond N open ones (default: no limit)")
+    p.add_argument("--max-connections-per-ip", type=_cli.positive_int, default=None, metavar="N",
+                   help="refuse a client address's connections beyond N open ones (after the PROXY "
+                        "header, the client's own address; default: no limit)")
     p.add_argument("--grace", type=_cli.positive_float, default=5.0, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, keep serving open connections this long, then close them "
                         "with close_notify (default 5)")
     p.add_argument("--log-level", choices=_cli.LOG_LEVELS, default="info")
     policy.add_arguments(p)  # --alpn, --client-ca, --sni, --tls-min/max, --ciphers, --keylog...
+    reload.add_arguments(p)  # --reload-interval
     workers.add_arguments(p)  # --workers, --stats-interval
     _cli.add_proxy_arguments(p)
     activation.add_arguments(p)  # --listen-fd, --pid-file
@@ -86,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (args.cert is None) != (args.key is None):
         _cli.fail(f"{PROG}: error: --cert and --key go together")
+    files = reload.files_from_args(args)
+    if args.reload_interval is not None and not files.paths():
+        _cli.fail(f"{PROG}: error: --reload-interval needs files to watch "
+                  "(--cert/--key, --sni or --client-ca)")
     _cli.setup_logging(args.log_level)
     try:  # LISTEN_FDS is read (and cleared) before anything else could inherit it
         inherited = activation.inherited_sockets(args.listen_fd)
@@ -94,9 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.debug("data path: %s", data_path())
     try:
         bundle = load_bundle(args.cert, args.key) if args.cert is not None else self_signed()
-        context = policy.context_from_args(args, bundle)
+        # Built from the files as the reloader reads them, so that what it
+        # serves is what it compares when polling (tlsuv.reload).
+        reloader = reload.Reloader(files, policy.policy_from_args(args, bundle),
+                                   interval=args.reload_interval)
     except (CertificateError, policy.PolicyError) as exc:
         _cli.fail(f"{PROG}: error: {exc}")
+    context = reloader.context
     options = ConnectionOptions(
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
@@ -106,23 +120,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         allow_client_renegotiation=args.allow_client_renegotiation,
         proxy=_cli.proxy_options(args, PROG),
     )
+    open_files = limits.raise_open_file_limit()  # before forking: workers inherit it
 
     announced: list[tuple[str, int]] = []
 
     def announce(host: str, port: int) -> None:
+        if not announced:
+            # Once serving (so a bad argument or address stays a single line): what, with which limit.
+            reloader.log_certificates()
+            _log_open_file_limit(open_files, args.max_connections)
         if args.cert is None and not announced:
             print(f"self-signed certificate for localhost, 127.0.0.1, ::1; "
                   f"SHA-256 fingerprint {bundle.fingerprint}", flush=True)
         announced.append((host, port))
         print(f"tlsuv echo server listening on {format_address((host, port))}", flush=True)
 
+    def make_server(lp: pyuv.Loop) -> Server:
+        server = Server(lp, context, echo_factory, options=options, max_connections=args.max_connections,
+                        max_connections_per_ip=args.max_connections_per_ip)
+        reloader.start(lp)  # SIGHUP and --reload-interval, in each worker
+        return server
+
     if args.workers > 1:  # forks, so before this process makes any loop (tlsuv.workers)
-        return workers.run_cli(args, lambda lp: Server(
-            lp, context, echo_factory, options=options, max_connections=args.max_connections), announce,
-            PROG, sockets=inherited)
+        return workers.run_cli(args, make_server, announce, PROG, sockets=inherited)
     ready_fd = upgrade.take_ready_fd()  # started by an upgrading tree (auto workers, now one CPU)
     loop = pyuv.Loop()
-    server = Server(loop, context, echo_factory, options=options, max_connections=args.max_connections)
+    server = make_server(loop)
     try:
         if inherited:
             for sock, _ in inherited:
@@ -136,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals: list[pyuv.Signal] = []
 
     def done() -> None:
+        reloader.close()
         for h in signals:
             h.close()
 
@@ -174,6 +198,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pid_file is not None:
             activation.remove_pid_file(args.pid_file)
     return 0
+
+
+# Descriptors a server needs besides its connections: the interpreter's own
+# (about a dozen), libuv's (epoll, signal pipes, its spare), the listener,
+# log and key-log files, tlsuv's spare (tlsuv.limits) -- with room to spare.
+FD_OVERHEAD: Final = 64
+
+
+def _log_open_file_limit(limit: tuple[int, int], max_connections: int | None) -> None:
+    before, after = limit
+    if after != before:
+        log.info("open file limit raised from %d to %d (the hard limit)", before, after)
+    else:
+        log.info("open file limit: %d", after)
+    if max_connections is not None and max_connections + FD_OVERHEAD > after:
+        log.warning("--max-connections %d needs about %d file descriptors, above the limit of %d: "
+                    "raise the hard limit (ulimit -Hn, systemd's LimitNOFILE=)",
+                    max_connections, max_connections + FD_OVERHEAD, after)
 
 
 if __name__ == "__main__":

@@ -107,3 +107,7 @@ def describe_openssl_error(exc: SSL.Error) -> str:
     if parts:
         return "; ".join(parts)
     return str(exc) or type(exc).__name__
+
+
+class RefusedError(TLSUVError):
+    """The server refused the connection: one of its limits (connections per client) was reached."""

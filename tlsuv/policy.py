@@ -19,6 +19,24 @@ Design points
   reads the ALPN and key-log callbacks from whichever Context the connection
   has at that moment, which is why all of them carry the same callbacks.
 
+* **Swapping certificates while serving** (:class:`ContextSet`).  The same
+  mechanism reloads: connections are always made from one *front* Context
+  that never changes, and its servername callback -- which OpenSSL runs for
+  every ClientHello, with or without SNI -- switches each connection to the
+  *current* default or SNI Context.  A swap replaces that table in one
+  assignment; a connection already made keeps its Context.  The front is
+  kept because OpenSSL ties two things to the Context a connection was
+  created from (its ``session_ctx``), not to the one SNI switched to: the
+  session cache and the session-ticket keys.  Tickets therefore stay valid
+  across swaps, and workers forked after the front was made share its keys
+  for good.  (Copying the keys into a new Context would need
+  ``SSL_CTX_set_tlsext_ticket_keys`` -- a macro over ``SSL_CTX_ctrl`` -- or a
+  ticket-key callback; pyOpenSSL's binding exposes neither.)  OpenSSL also
+  copies some settings (options, verify mode, protocol versions) from the
+  front when a connection is created, which is why a swap must bring
+  Contexts built with the same settings: :meth:`ContextSet.reload` checks
+  that.
+
 * **ALPN with no protocol in common fails the handshake** with the
   ``no_application_protocol`` alert, as RFC 7301 section 3.2 requires.  A
   client that offers no ALPN at all is served without it.
@@ -32,8 +50,9 @@ Design points
   1.2 session IDs, TLS 1.3 stateful tickets) and session tickets (TLS 1.2
   RFC 5077, TLS 1.3 stateless tickets) are on, and the session id context
   is set -- without it OpenSSL refuses to resume any session once client
-  certificates are verified.  Ticket keys are random per Context, so
-  sessions resume only on the process that issued them.
+  certificates are verified.  Ticket keys are random per front Context (see
+  above): sessions resume on the process that issued them and on every
+  worker forked from it, across certificate reloads, until the process ends.
 
 * **Errors are one sentence** (:class:`PolicyError`, or
   :class:`~tlsuv.certs.CertificateError` for files), which the CLIs print as
@@ -47,16 +66,19 @@ import logging
 import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
 from cryptography import x509
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from .certs import (
     CertificateBundle,
     CertificateError,
+    certificate_chain,
+    certificate_names,
+    covers,
     load_bundle,
     new_context,
     read_file,
@@ -110,8 +132,9 @@ class ServerPolicy:
     sni: Mapping[str, CertificateBundle] = field(default_factory=dict)
     # ALPN protocols in the server's order of preference, e.g. ("h2", "http/1.1").
     alpn: Sequence[str] = ()
-    # Request client certificates and verify them against this PEM CA file.
-    client_ca: str | Path | None = None
+    # Request client certificates and verify them against this PEM CA file
+    # (or these PEM bytes: a reload loads exactly what it read and hashed).
+    client_ca: str | Path | bytes | None = None
     # Refuse clients that send no certificate (needs client_ca).
     require_client_cert: bool = False
     min_version: str = "1.2"
@@ -124,7 +147,7 @@ class ServerPolicy:
     keylog: str | Path | None = None
     session_tickets: bool = True
     session_cache: bool = True
-    # Seconds a session stays resumable; None keeps OpenSSL's default (300).
+    # Seconds a session stays resumable; None keeps OpenSSL's default (7200 since OpenSSL 1.1.1).
     session_timeout: int | None = None
 
 
@@ -176,7 +199,12 @@ def _check_sni_name(name: str) -> str:
         raise PolicyError(f"not a host name for SNI: {name!r}") from None
 
 
-def _read_ca_file(path: str | Path, what: str) -> list[x509.Certificate]:
+def _read_ca_file(path: str | Path | bytes, what: str) -> list[x509.Certificate]:
+    if isinstance(path, bytes):
+        try:
+            return x509.load_pem_x509_certificates(path)
+        except ValueError:
+            raise CertificateError(f"{what} data holds no valid PEM certificate") from None
     data = read_file(path, what)
     try:
         return x509.load_pem_x509_certificates(data)
@@ -265,17 +293,45 @@ def _alpn_selector(preferred: tuple[str, ...]) -> Callable[[SSL.Connection, list
 
 
 def build_server_context(policy: ServerPolicy | None = None) -> SSL.Context:
-    """The server Context for ``policy`` (its default certificate; SNI contexts hang off it)."""
+    """The server Context for ``policy`` (its default certificate; SNI contexts hang off it).
+
+    It is the :attr:`~ContextSet.front` of a :class:`ContextSet`; use
+    :func:`build_context_set` to keep the set and swap certificates later.
+    """
+    return build_context_set(policy).front
+
+
+def build_context_set(policy: ServerPolicy | None = None) -> ContextSet:
+    """Every Context of ``policy``, as a set whose certificates can be swapped while serving."""
     policy = policy or ServerPolicy()
+    keylog = KeyLog(policy.keylog) if policy.keylog is not None else None
+    default, by_name, policy = _build_contexts(policy, keylog)
+    return ContextSet(default, by_name, policy=policy, keylog=keylog)
+
+
+def _build_contexts(
+    policy: ServerPolicy, keylog: KeyLog | None,
+) -> tuple[SSL.Context, dict[str, SSL.Context], ServerPolicy]:
+    """The default and per-name Contexts, and the policy with its default certificate filled in."""
     if policy.require_client_cert and policy.client_ca is None:
         raise PolicyError("requiring client certificates needs a client CA file")
     alpn = parse_alpn(policy.alpn) if policy.alpn else ()
-    if policy.client_ca is not None:
-        _read_ca_file(policy.client_ca, "client CA")  # a clear error before OpenSSL's
+    # Read once, and loaded from what was read: the file may be replaced meanwhile.
+    client_cas = _read_ca_file(policy.client_ca, "client CA") if policy.client_ca is not None else []
     if policy.session_timeout is not None and policy.session_timeout < 1:
         raise PolicyError("session timeout must be at least 1 second")
     sni = {_check_sni_name(name): bundle for name, bundle in policy.sni.items()}
-    keylog = KeyLog(policy.keylog) if policy.keylog is not None else None
+    for name, bundle in sni.items():
+        # A certificate that does not name its SNI name is a mix-up (files swapped,
+        # a renewal for the wrong host): every client would refuse it.
+        try:
+            leaf = certificate_chain(bundle)[0]
+        except CertificateError as exc:
+            raise CertificateError(f"SNI name {name}: {exc}") from exc
+        if not covers(leaf, name):
+            names = ", ".join(certificate_names(leaf)) or "no DNS names"
+            where = f"certificate file {bundle.cert_file}" if bundle.cert_file else "its certificate"
+            raise CertificateError(f"SNI name {name}: {where} is for {names}, not {name}")
 
     def make(bundle: CertificateBundle) -> SSL.Context:
         ctx = new_context()
@@ -295,41 +351,136 @@ def build_server_context(policy: ServerPolicy | None = None) -> SSL.Context:
             if policy.require_client_cert:
                 mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
             ctx.set_verify(mode)
-            ctx.load_verify_locations(os.fsencode(policy.client_ca))
-            ctx.load_client_ca(os.fsencode(policy.client_ca))
+            store = ctx.get_cert_store()
+            assert store is not None  # a server Context always has one
+            for ca in client_cas:
+                store.add_cert(crypto.X509.from_cryptography(ca))
+                ctx.add_client_ca(ca)  # named in the CertificateRequest
         if keylog is not None:
             keylog.install(ctx)
         return server_context(bundle, ctx)
 
-    default = make(policy.certificate or self_signed())
+    certificate = policy.certificate or self_signed()
+    default = make(certificate)
     by_name: dict[str, SSL.Context] = {}
     for name, bundle in sni.items():
         try:
             by_name[name] = make(bundle)
         except CertificateError as exc:
             raise CertificateError(f"SNI name {name}: {exc}") from exc
-    if by_name:
-        choose = _sni_chooser(by_name)
-        default.set_tlsext_servername_callback(choose)
-        for ctx in by_name.values():
-            # Also on the per-name Contexts: a TLS 1.2 renegotiation asks again.
-            ctx.set_tlsext_servername_callback(choose)
-    return default
+    return default, by_name, replace(policy, certificate=certificate, sni=sni)
 
 
-def _sni_chooser(by_name: Mapping[str, SSL.Context]) -> Callable[[SSL.Connection], None]:
-    def choose(conn: SSL.Connection) -> None:
-        raw = conn.get_servername()
-        if not raw:
-            return
-        name = normalize_server_name(raw.decode("ascii", "replace"))
-        ctx = by_name.get(name)
-        if ctx is None and "." in name:
-            ctx = by_name.get("*." + name.split(".", 1)[1])
-        if ctx is not None and ctx is not conn.get_context():
+# Settings OpenSSL takes from the front Context when a connection is made, or
+# that the set shares (the key log): a swap may change certificates and CA
+# files, not these (the module docstring).
+_FIXED_SETTINGS: Final = (
+    "alpn", "require_client_cert", "min_version", "max_version", "ciphers", "ciphersuites",
+    "keylog", "session_tickets", "session_cache", "session_timeout")
+
+
+class ContextSet:
+    """The Contexts a server serves -- a default and one per SNI name -- swappable while it runs.
+
+    Give :attr:`front` to :class:`~tlsuv.Server` and never change it; then
+    :meth:`reload` (from a :class:`ServerPolicy`) or :meth:`swap` (Contexts
+    you built) replace every certificate at once.  Connections accepted
+    afterwards get the new ones; open connections keep theirs.  Sessions and
+    tickets issued before a swap still resume after it (module docstring).
+    Call from the loop's thread.
+    """
+
+    def __init__(
+        self,
+        default: SSL.Context,
+        sni: Mapping[str, SSL.Context] | None = None,
+        *,
+        policy: ServerPolicy | None = None,
+        keylog: KeyLog | None = None,
+    ) -> None:
+        # What built the current Contexts, if a policy did: reload() compares
+        # settings with it, and served() reads the certificates from it.
+        self.policy = policy
+        self._keylog = keylog
+        self.front = default
+        self.swaps = 0
+        self._hooked: weakref.WeakSet[SSL.Context] = weakref.WeakSet()
+        self._table: tuple[SSL.Context, Mapping[str, SSL.Context]] = (default, {})
+        self._install(default, sni or {})
+
+    @property
+    def default(self) -> SSL.Context:
+        """The Context served to clients whose SNI name has no Context of its own."""
+        return self._table[0]
+
+    @property
+    def sni(self) -> Mapping[str, SSL.Context]:
+        """SNI name (lower case, A-labels, maybe ``*.example.com``) -> its Context."""
+        return self._table[1]
+
+    def swap(self, default: SSL.Context, sni: Mapping[str, SSL.Context] | None = None) -> None:
+        """Serve ``default`` and the ``sni`` table from the next handshake on, in one step.
+
+        Build them with the settings the front was built with (versions,
+        ciphers, verification, ALPN): OpenSSL copies some of those from the
+        front.  Unused Contexts only: this installs the SNI callback on them.
+        """
+        self._install(default, sni or {})
+        self.policy = None  # no longer describes what is served
+        self.swaps += 1
+
+    def reload(self, policy: ServerPolicy) -> None:
+        """Build every Context of ``policy`` and swap them in; on any error nothing changes.
+
+        Raises :class:`PolicyError` if a setting differs from the one the set
+        was built with (only certificates, keys and the client CA may change),
+        or the errors of :func:`build_server_context`.
+        """
+        if self.policy is not None:
+            changed = [name for name in _FIXED_SETTINGS
+                       if getattr(policy, name) != getattr(self.policy, name)]
+            if (policy.client_ca is None) != (self.policy.client_ca is None):
+                changed.append("client_ca")
+            if changed:
+                raise PolicyError(f"a reload changes certificates, keys and CA files, not settings: "
+                                  f"{', '.join(changed)} differ (restart to change them)")
+        if self._keylog is None and policy.keylog is not None:  # a set made by hand, not by policy
+            self._keylog = KeyLog(policy.keylog)
+        default, by_name, built = _build_contexts(policy, self._keylog)
+        self.swap(default, by_name)
+        self.policy = built
+
+    def served(self) -> list[tuple[str, x509.Certificate]]:
+        """``(role, leaf certificate)`` for each certificate served, when a policy built them."""
+        if self.policy is None or self.policy.certificate is None:
+            return []
+        out = [("default certificate", certificate_chain(self.policy.certificate)[0])]
+        out += [(f"SNI {name}", certificate_chain(bundle)[0]) for name, bundle in self.policy.sni.items()]
+        return out
+
+    def _install(self, default: SSL.Context, sni: Mapping[str, SSL.Context]) -> None:
+        by_name = {_check_sni_name(name): ctx for name, ctx in sni.items()}
+        for ctx in (default, *by_name.values()):
+            if ctx not in self._hooked:
+                # On the per-name Contexts too: a TLS 1.2 renegotiation asks again.
+                ctx.set_tlsext_servername_callback(self._choose)
+                self._hooked.add(ctx)
+        self._table = (default, by_name)  # one assignment: a handshake sees the old or the new
+
+    def _choose(self, conn: SSL.Connection) -> None:
+        default, by_name = self._table
+        ctx = default
+        if by_name:
+            raw = conn.get_servername()
+            if raw:
+                name = normalize_server_name(raw.decode("ascii", "replace"))
+                found = by_name.get(name)
+                if found is None and "." in name:
+                    found = by_name.get("*." + name.split(".", 1)[1])
+                if found is not None:
+                    ctx = found
+        if ctx is not conn.get_context():
             conn.set_context(ctx)
-
-    return choose
 
 
 # -- client ------------------------------------------------------------------

@@ -14,6 +14,14 @@ since the client of a connection closed early sees its answer cut short.
 A server may listen on several sockets (an IPv4 and an IPv6 address, or the
 sockets systemd hands over); they share one connection limit, one set of
 counters and one shutdown.
+
+The limits of a real host (:mod:`tlsuv.limits`): a per-client connection cap
+(checked at accept, or when the PROXY header names the client), and running
+out of file descriptors, which delays new connections instead of spinning or
+dropping them -- the libuv behaviour behind that, and the way around it, are
+in that module's docstring.  :meth:`Server.set_context` swaps the Context
+new connections are made from; :class:`tlsuv.policy.ContextSet` swaps
+certificates while keeping sessions resumable.
 """
 
 from __future__ import annotations
@@ -29,8 +37,17 @@ from OpenSSL import SSL
 from . import _sockopt
 from ._uv import format_address, socket_address, uv_error_text
 from .connection import Connection, ConnectionOptions
-from .errors import TimeoutError, TLSUVError
+from .errors import RefusedError, TimeoutError, TLSUVError
 from .handler import HandlerFactory
+from .limits import (
+    RETRY_MAX,
+    RETRY_MIN,
+    ClientCounts,
+    DescriptorReserve,
+    Throttle,
+    client_key,
+    open_file_limit,
+)
 from .pending import PendingList
 
 log = logging.getLogger("tlsuv")
@@ -67,9 +84,12 @@ class Server:
         *,
         options: ConnectionOptions | None = None,
         max_connections: int | None = None,
+        max_connections_per_ip: int | None = None,
     ) -> None:
         if max_connections is not None and max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if max_connections_per_ip is not None and max_connections_per_ip < 1:
+            raise ValueError("max_connections_per_ip must be at least 1")
         self.loop = loop
         self.context = context
         self.handler_factory = handler_factory
@@ -92,9 +112,24 @@ class Server:
         self._inherits: bool | None = None
         self._grace_timer: pyuv.Timer | None = None
         self._on_closed: Callable[[], None] | None = None
+        # Open connections per client address; the key each one was counted under.
+        self._clients = ClientCounts(max_connections_per_ip) if max_connections_per_ip else None
+        self._client_of: dict[Connection, str] = {}
+        self._refusal_log = Throttle()
+        # Out of file descriptors: the listeners whose connection libuv keeps
+        # until we accept it, and the retry (tlsuv.limits).
+        self._reserve: DescriptorReserve | None = None
+        self._paused: list[pyuv.TCP] = []
+        self._accept_timer: pyuv.Timer | None = None
+        self._accept_paused_at: float | None = None
+        self._accept_retry = RETRY_MIN
+        self._exhausted_log = Throttle()
+        self._accept_error_log = Throttle()
         # Counters for logs and stats.
         self.accepted = 0
-        self.refused = 0
+        self.refused = 0  # every refusal, the per-client ones included
+        self.refused_per_ip = 0
+        self.accept_pauses = 0  # times accepting stopped for want of file descriptors
         self.handshakes_failed = 0
         # Connections ended by a deadline, by TimeoutError.phase: "handshake",
         # "idle", "close", "send", "keepalive", "proxy header".
@@ -112,6 +147,7 @@ class Server:
         if self._closing:
             raise ServerError("server is closing")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._hold_reserve()
         tcp = pyuv.TCP(self.loop)
         try:
             tcp.bind((host, port))
@@ -138,6 +174,7 @@ class Server:
         """
         if self._closing:
             raise ServerError("server is closing")
+        self._hold_reserve()
         tcp = pyuv.TCP(self.loop)
         sock.setblocking(False)
         try:
@@ -182,10 +219,46 @@ class Server:
         """Every address listened on, in order."""
         return list(self._addresses)
 
+    @property
+    def accepting_paused(self) -> bool:
+        """Accepting stopped for want of file descriptors; it resumes by itself."""
+        return self._accept_paused_at is not None
+
+    def set_context(self, context: SSL.Context) -> None:
+        """Make connections accepted from now on with ``context``; open ones keep theirs.
+
+        One assignment, so atomic for the loop.  Sessions (tickets and the
+        session cache) belong to a Context: clients of the old one do a full
+        handshake.  To swap certificates and keep sessions, build the first
+        Context with :func:`tlsuv.policy.build_context_set` and use its
+        :meth:`~tlsuv.policy.ContextSet.reload` or ``swap`` instead.
+        """
+        self.context = context
+
+    def _hold_reserve(self) -> None:
+        # Before the listening handle: libuv opens its own spare with the
+        # loop's first stream, and ours must not depend on that one.
+        if self._reserve is None:
+            self._reserve = DescriptorReserve()
+
     def _on_connection(self, listener: pyuv.TCP, error: int | None) -> None:
         if error is not None:
-            log.warning("accept failed: %s", uv_error_text(error))
+            if error in (pyuv.errno.UV_EMFILE, pyuv.errno.UV_ENFILE):
+                self._out_of_descriptors()
+            elif (held := self._accept_error_log.ready(self.loop.now() / 1000)) is not None:
+                # libuv tries again at once: an error that persists (ENOBUFS) comes back
+                # at every try, and one line per try would fill the disk.
+                more = f" ({held} more since the last report)" if held else ""
+                log.warning("accept failed: %s%s", uv_error_text(error), more)
             return
+        if self._reserve is not None and not self._reserve.headroom():
+            # Leave this connection with libuv, which stops watching the
+            # listener until we accept it (tlsuv.limits).
+            self._pause_accepting(listener)
+            return
+        self._accept(listener)
+
+    def _accept(self, listener: pyuv.TCP) -> None:
         tcp = pyuv.TCP(self.loop)
         try:
             listener.accept(tcp)
@@ -203,7 +276,8 @@ class Server:
                      f"limit of {self.max_connections} connections reached")
             tcp.close()
             return
-        source = socket_address(tcp, "getpeername") if self.options.proxy is not None else None
+        proxied = self.options.proxy is not None
+        source = socket_address(tcp, "getpeername") if proxied or self._clients is not None else None
         if self.options.proxy is not None and not self.options.proxy.allows(source):
             # Only trusted balancers may claim a client address (tlsuv.proxy).
             self.refused += 1
@@ -211,12 +285,23 @@ class Server:
                         format_address(source))
             tcp.close()
             return
+        client = None
+        if self._clients is not None and not proxied and source is not None:
+            client = client_key(source[0])
+            if not self._clients.admit(client):
+                self._refuse_client(client)
+                tcp.close()
+                return
         self.accepted += 1
         tcp.nodelay(True)  # TLS records are already batched per loop iteration
         if not self._inherits:
             self._configure(tcp)
+        per_client = proxied and self._clients is not None  # counted once the header names the client
         conn = Connection(tcp, self.context, self.handler_factory, pending=self.pending,
-                          options=self.options, on_gone=self._gone)
+                          options=self.options, on_gone=self._gone,
+                          on_proxy_header=self._admit_proxied if per_client else None)
+        if client is not None:
+            self._client_of[conn] = client
         if conn.sockname == self._sockname:
             conn.sockname = self._sockname
         else:
@@ -225,6 +310,91 @@ class Server:
             log.debug("%s: accepted", format_address(conn.peer))
         self.connections.add(conn)
         conn._start()
+
+    # -- per-client limit -----------------------------------------------------
+
+    def _admit_proxied(self, conn: Connection) -> BaseException | None:
+        """The PROXY header named the client: count it, or refuse it (Connection calls this)."""
+        assert self._clients is not None
+        if conn.peer is None:
+            return None
+        client = client_key(conn.peer[0])
+        if not self._clients.admit(client):
+            self._refuse_client(client)
+            return RefusedError(f"refused: {self._clients.limit} connection(s) from {client} "
+                                f"already open")
+        self._client_of[conn] = client
+        return None
+
+    def _refuse_client(self, client: str) -> None:
+        assert self._clients is not None
+        self.refused += 1
+        self.refused_per_ip += 1
+        held = self._refusal_log.ready(self.loop.now() / 1000)
+        if held is not None:
+            more = f" ({held} more refused since the last report)" if held else ""
+            log.warning("refusing a connection from %s: %d already open from that address "
+                        "(the per-client limit)%s", client, self._clients.limit, more)
+
+    # -- out of file descriptors -------------------------------------------------
+
+    def _pause_accepting(self, listener: pyuv.TCP | None) -> None:
+        """``listener``'s connection stays with libuv, which stops watching it until we accept."""
+        if listener is not None and listener not in self._paused:
+            self._paused.append(listener)
+        now = self.loop.now() / 1000
+        if self._accept_paused_at is None:
+            self._accept_paused_at = now
+            self._accept_retry = RETRY_MIN
+            self.accept_pauses += 1
+        held = self._exhausted_log.ready(now)
+        if held is not None:
+            log.warning("out of file descriptors (limit %d, %d connection(s) open): new connections "
+                        "wait in the listen queue until descriptors free up", open_file_limit(),
+                        len(self.connections))
+        self._retry_accept_in(self._accept_retry)
+        self._accept_retry = min(self._accept_retry * 2, RETRY_MAX)
+
+    def _retry_accept_in(self, seconds: float) -> None:
+        if self._accept_timer is None:
+            self._accept_timer = pyuv.Timer(self.loop)
+        self._accept_timer.start(self._retry_accept, seconds, 0.0)
+
+    def _retry_accept(self, timer: pyuv.Timer) -> None:
+        if self._accept_paused_at is None or self._closing:
+            return
+        assert self._reserve is not None
+        while self._paused:
+            listener = self._paused[0]
+            if listener.closed:
+                self._paused.pop(0)
+                continue
+            if not self._reserve.headroom():
+                self._pause_accepting(None)
+                return
+            self._paused.pop(0)
+            self._accept(listener)  # the connection libuv kept; it then watches the listener again
+        waited = self.loop.now() / 1000 - self._accept_paused_at
+        self._accept_paused_at = None
+        log.info("file descriptors free again: accepting after %.1fs", waited)
+
+    def _out_of_descriptors(self) -> None:
+        """EMFILE reached us: libuv's spare is gone and it will retry accept() at once, forever."""
+        if self._reserve is not None and self._reserve.release():
+            # The retry takes the freed slot; the next callback pauses (tlsuv.limits).
+            log.warning("accept() failed: out of file descriptors; releasing the spare descriptor "
+                        "so that libuv's retry succeeds")
+            return
+        # Both spares are gone: free a descriptor by losing one connection
+        # rather than the whole loop to libuv's retry loop.
+        victims = [c for c in self.connections if not c.handshake_completed] or list(self.connections)
+        if victims:
+            log.error("out of file descriptors with no spare left: aborting %s to keep accepting",
+                      format_address(victims[-1].peer))
+            victims[-1].abort(RefusedError("aborted: the server ran out of file descriptors"))
+            return
+        log.error("out of file descriptors and nothing of ours to free: no longer listening")
+        self.stop_listening()
 
     def _configure_listener(self, tcp: pyuv.TCP) -> None:
         try:
@@ -248,6 +418,12 @@ class Server:
 
     def _connection_gone(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        if self._client_of:
+            client = self._client_of.pop(conn, None)
+            if client is not None and self._clients is not None:
+                self._clients.release(client)
+        if self._accept_paused_at is not None and not self._closing:
+            self._retry_accept_in(0.0)  # its descriptor is free now
         self.ended_bytes_in += conn.bytes_in
         self.ended_bytes_out += conn.bytes_out
         if not conn.handshake_completed:
@@ -333,6 +509,10 @@ class Server:
     def _all_closed(self) -> None:
         if self._grace_timer is not None and not self._grace_timer.closed:
             self._grace_timer.close()
+        if self._accept_timer is not None and not self._accept_timer.closed:
+            self._accept_timer.close()
+        if self._reserve is not None:
+            self._reserve.close()
         self.pending.close()
         callback, self._on_closed = self._on_closed, None
         if callback is not None:

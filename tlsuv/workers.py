@@ -98,6 +98,10 @@ The traps, and how each is handled
 * **Only Linux balances.**  ``SO_REUSEPORT`` exists on the BSDs and macOS
   but does not spread connections there; this module needs Linux.
 
+* **SIGHUP is passed on.**  The parent forwards it to every worker, which
+  reloads its certificates (:mod:`tlsuv.reload`); a worker whose server set
+  up no reload ignores it rather than die of it.
+
 * **Counters outlive workers.**  A worker's last report is folded into the
   parent's totals when it exits, so accepted/failed/bytes in the stats line
   never go backwards after a restart.
@@ -460,7 +464,7 @@ class Supervisor:
         self._wakeup = (r, w)
         assert self._selector is not None
         self._selector.register(r, selectors.EVENT_READ, None)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR2):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR2, signal.SIGHUP):
             self._saved_handlers[signum] = signal.signal(signum, self._on_signal)
         # The handlers only record; the wake-up fd makes select() return.
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
@@ -537,6 +541,9 @@ class Supervisor:
         while self._signals:
             signum = self._signals.pop(0)
             name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:  # reload: each worker re-reads its files (tlsuv.reload)
+                self._forward(signum)
+                continue
             if signum == signal.SIGUSR2:
                 self._start_upgrade()
                 continue
@@ -556,6 +563,13 @@ class Supervisor:
                         self._send(w, {"order": "abort"})
                 deadline = time.monotonic() + ABORT_MARGIN
                 self._kill_at = deadline if self._kill_at is None else min(self._kill_at, deadline)
+
+    def _forward(self, signum: int) -> None:
+        alive = [w for w in self.workers if w.pid] if not self._draining else []
+        log.info("%s: passing it on to %d worker(s)", signal.Signals(signum).name, len(alive))
+        for w in alive:
+            with contextlib.suppress(ProcessLookupError):  # it just died: the reaper will see it
+                os.kill(w.pid, signum)
 
     def _begin_drain(self, why: str) -> None:
         self._draining = True
@@ -863,6 +877,8 @@ class Supervisor:
             # other workers' channels, the port reservation, the selector.
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (module docstring)
+            # Forwarded by the parent; a worker whose server has no reload handle ignores it.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # upgrades are the parent's too
             for signum in (signal.SIGTERM, signal.SIGCHLD):
                 signal.signal(signum, signal.SIG_DFL)
