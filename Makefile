@@ -88,8 +88,10 @@ bench: $(BENCH_STAMP)
 # asan: the whole suite with the extension built with AddressSanitizer and UBSan;
 # hypothesis-long: the chunking property test with 2000 examples on the compiled path.
 MEMCHECK_TESTS ?= tests/test_speedups.py tests/test_tls_core.py tests/test_server.py -k "not fast and not public and not pure"
+# Under valgrind everything runs ~50x slower: five chunking examples, and no per-test timeout.
 memcheck: $(STAMP)
-	TLSUV_REQUIRE_SPEEDUPS=1 $(PY) scripts/memcheck.py $(MEMCHECK_TESTS) -q $(PYTEST_ARGS)
+	TLSUV_REQUIRE_SPEEDUPS=1 TLSUV_HYPOTHESIS_EXAMPLES=5 \
+		$(PY) scripts/memcheck.py $(MEMCHECK_TESTS) -q --timeout 0 $(PYTEST_ARGS)
 
 ASAN_DIR := build/asan
 ASAN_CFLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined

@@ -53,9 +53,9 @@
  * - The GIL is held throughout, like a C function that uses the CPython
  *   API: the OpenSSL work per call is bounded (at most one socket read or
  *   one application write) and tlsuv runs one event loop per thread, so
- *   there is nothing for another thread to do meanwhile -- and taking and
- *   releasing the GIL around each call would cost a tenth of a small
- *   message.  OpenSSL's callbacks into Python take the GIL with
+ *   there is nothing for another thread to do meanwhile -- and handing the
+ *   GIL over and back around each call is much of what made the cffi calls
+ *   expensive.  OpenSSL's callbacks into Python take the GIL with
  *   PyGILState_Ensure, which is re-entrant in this thread.
  */
 
@@ -76,7 +76,7 @@ typedef struct bio_st BIO;
 #define RECV_SIZE 16384
 /* The scratch buffer: the most plaintext one chunk holds and the most
  * ciphertext one flush drains before asking the BIO for the rest.
- * tlsuv.tls.OUTPUT_MAX; tlsuv._openssl checks that the two agree. */
+ * tlsuv.tls.OUTPUT_MAX; tests/test_speedups.py checks that the two agree. */
 #define OUTPUT_MAX (256 * 1024)
 
 /* The functions, as pyOpenSSL's cffi binding declares them. */
@@ -102,10 +102,11 @@ static const char *const SYMBOLS[] = {
  *
  * One OUTPUT_MAX buffer for the whole module, for SSL_read and the flush: a
  * buffer per call would cost more than decrypting a small record.  The GIL is
- * held whenever it is used, so no two threads can be inside it at once; the
- * flag catches the one other way in (a pyOpenSSL callback, run by OpenSSL
- * inside SSL_read, that receives on another connection), which then gets a
- * buffer of its own.  Pages are touched only as far as they are used.
+ * held whenever it is taken, so no two threads take it at once; the flag
+ * covers the ways back in while it is in use -- a pyOpenSSL callback, run by
+ * OpenSSL inside SSL_read, that receives on another connection, or another
+ * thread that runs while such a callback let go of the GIL -- which then get
+ * a buffer of their own.  Pages are touched only as far as they are used.
  */
 static char *scratch;
 static int scratch_busy;
