@@ -13,7 +13,7 @@ DIST ?= dist
 # Where each test run says which interpreter it used (CI runs several).
 SAY_PYTHON = @$(PY) -c 'import sys; print(f"== {sys.argv[1]} on {sys.executable}, Python {sys.version.split()[0]}")'
 
-.PHONY: all setup run test test-core lint soak bench dist clean
+.PHONY: all setup run test test-pure test-core lint soak bench dist clean memcheck asan hypothesis-long
 
 all: test
 
@@ -23,7 +23,8 @@ $(PY):
 
 # The stamp depends on what decides the install: re-run when they change.  tlsuv's
 # runtime dependencies are downloaded as wheels beside pyuv's: `make dist` needs no network.
-$(STAMP): $(PY) pyproject.toml scripts/build_pyuv.py
+# The editable install also builds the optional C extension (setup.py) in place.
+$(STAMP): $(PY) pyproject.toml setup.py tlsuv/_speedups.c scripts/build_pyuv.py
 	$(PY) scripts/build_pyuv.py $(WHEELS)
 	$(PY) -m pip download --quiet --dest $(WHEELS) --find-links $(WHEELS) .
 	$(PY) -m pip install --quiet --find-links $(WHEELS) -e ".[dev]"
@@ -37,6 +38,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(SAY_PYTHON) "make test"
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The whole suite on the pure-Python data path (CI runs both).
+test-pure: $(STAMP)
+	$(SAY_PYTHON) "make test-pure"
+	TLSUV_NO_EXTENSIONS=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # What CI runs on every supported interpreter besides the default: the I/O-free core and
 # the packaging round trip (make dist, an offline install, one TLS echo over loopback
@@ -77,5 +83,31 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 bench: $(BENCH_STAMP)
 	PYTHONPATH=scripts $(PY) -m bench $(BENCH_ARGS)
 
+# The compiled data path's safety runs (docs/performance.md, "The compiled data path").
+# memcheck: its own tests and the core tests on the compiled path under valgrind;
+# asan: the whole suite with the extension built with AddressSanitizer and UBSan;
+# hypothesis-long: the chunking property test with 2000 examples on the compiled path.
+MEMCHECK_TESTS ?= tests/test_speedups.py tests/test_tls_core.py tests/test_server.py -k "not fast and not public and not pure"
+# Under valgrind everything runs ~50x slower: five chunking examples, and no per-test timeout.
+memcheck: $(STAMP)
+	TLSUV_REQUIRE_SPEEDUPS=1 TLSUV_HYPOTHESIS_EXAMPLES=5 \
+		$(PY) scripts/memcheck.py $(MEMCHECK_TESTS) -q --timeout 0 $(PYTEST_ARGS)
+
+ASAN_DIR := build/asan
+ASAN_CFLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+asan: $(STAMP)
+	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)/tlsuv
+	cp tlsuv/*.py tlsuv/py.typed $(ASAN_DIR)/tlsuv/
+	$(CC) -shared -fPIC -Wall -Wextra $(ASAN_CFLAGS) \
+		-I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" tlsuv/_speedups.c \
+		-o "$(ASAN_DIR)/tlsuv/_speedups$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+	PYTHONPATH=$(ASAN_DIR) $(PY) -c 'import tlsuv._speedups as m, sys; sys.exit("$(ASAN_DIR)" not in m.__file__)'
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 PYTHONMALLOC=malloc \
+		PYTHONPATH=$(ASAN_DIR) TLSUV_REQUIRE_SPEEDUPS=1 $(PY) -m pytest -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+
+hypothesis-long: $(STAMP)
+	TLSUV_REQUIRE_SPEEDUPS=1 TLSUV_HYPOTHESIS_EXAMPLES=2000 \
+		$(PY) -m pytest tests/test_tls_core.py -k "random_chunking and compiled" --timeout 3600 --hypothesis-show-statistics -q $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) build $(DIST) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build $(DIST) *.egg-info .pytest_cache .mypy_cache .ruff_cache tlsuv/_speedups*.so

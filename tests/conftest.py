@@ -10,6 +10,7 @@ fixture fails the test if any was raised, or if a handle was left open.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 import threading
@@ -26,7 +27,45 @@ from helpers import wait_until
 from OpenSSL import SSL
 
 import tlsuv
+from tlsuv import _openssl
 from tlsuv.echo import echo_factory
+
+# -- the two data paths ------------------------------------------------------------
+#
+# tlsuv's data path runs compiled (tlsuv._speedups) when the extension is built, or
+# in Python.  The core tests run on both (tests/test_tls_core.py's io_path); so do
+# the in-process loopback tests of these modules, through the data_path fixture.
+# TLSUV_NO_EXTENSIONS=1 puts the whole suite, subprocesses included, on the pure
+# path (make test-pure).
+BOTH_DATA_PATHS = frozenset({"test_server", "test_lifecycle", "test_bad_peers", "test_phases",
+                             "test_proxy_server"})
+
+
+def require_speedups() -> None:
+    """Skip a compiled-path test where tlsuv._speedups is not in use; fail instead in CI."""
+    if _openssl.SPEEDUPS is not None:
+        return
+    if os.environ.get("TLSUV_NO_EXTENSIONS", "") not in ("", "0"):
+        pytest.skip("TLSUV_NO_EXTENSIONS is set")
+    if os.environ.get("TLSUV_REQUIRE_SPEEDUPS") == "1":
+        pytest.fail(f"TLSUV_REQUIRE_SPEEDUPS=1, but the data path is {_openssl.data_path()}")
+    pytest.skip(f"the compiled data path is not in use: {_openssl.data_path()}")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.module.__name__ in BOTH_DATA_PATHS and "data_path" in metafunc.fixturenames:
+        metafunc.parametrize("data_path", ["compiled", "pure"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which data path new connections take: as installed, or the one the test was parametrized for."""
+    path = getattr(request, "param", None)
+    if path == "pure":
+        monkeypatch.setattr(_openssl, "SPEEDUPS", None)
+    elif path == "compiled":
+        require_speedups()
+    return "compiled" if _openssl.SPEEDUPS is not None else "pure"
 
 
 class CheckedLoop(pyuv.Loop):  # type: ignore[misc]  # pyuv ships no type information

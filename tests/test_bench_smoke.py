@@ -118,3 +118,17 @@ def test_the_floor_servers_keep_the_echo_contract(certs: Certs, tmp_path: Path, 
     assert pp.verified_bytes == pp.nbytes >= 400 * 64
     assert stream.verified_bytes >= 4 << 20
     assert not problems, problems
+
+
+def test_the_pure_python_tlsuv_column_runs_the_pure_path(certs: Certs, tmp_path: Path) -> None:
+    """`--servers ...,tlsuv-pure` is tlsuv with TLSUV_NO_EXTENSIONS=1 in its environment."""
+    spec = {s.name: s for s in servers.SERVERS}["tlsuv-pure"]
+    with servers.RunningServer(spec, cert=certs.cert_file, key=certs.key_file, log=tmp_path / "log",
+                               cpu=None) as srv:
+        environ = Path(f"/proc/{srv.pid}/environ").read_bytes().split(b"\0")
+        t = loadgen.Target("127.0.0.1", srv.port, tls=spec.tls, expect_cipher=None)
+        pp = loadgen.run_pingpong(t, conns=4, size=64, warmup=0.0, duration=UPPER_BOUND, max_messages=400)
+        problems = srv.stop()
+    assert b"TLSUV_NO_EXTENSIONS=1" in environ
+    assert pp.verified_bytes == pp.nbytes >= 400 * 64
+    assert not problems, problems

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import random
 import re
 import signal
 import socket
@@ -87,9 +89,9 @@ def test_port_in_use() -> None:
         assert_one_line_error(run_echo("--port", str(port)), "address already in use")
 
 
-def start_echo(*args: str) -> tuple[subprocess.Popen[str], int, list[str]]:
+def start_echo(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int, list[str]]:
     proc = subprocess.Popen([*ECHO, "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
     assert proc.stdout is not None
     deadline = time.monotonic() + 20
     lines = []
@@ -251,3 +253,34 @@ def test_log_levels(certs: Certs) -> None:
     # Opens and closes at DEBUG.
     assert any(f"127.0.0.1:{good_port}: accepted" in line for line in debug), err
     assert any(f"127.0.0.1:{good_port}: closed" in line for line in debug), err
+
+
+@pytest.mark.parametrize("no_extensions", [False, True], ids=["as-built", "TLSUV_NO_EXTENSIONS=1"])
+def test_either_data_path_echoes_and_says_which_at_debug(certs: Certs, no_extensions: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TLSUV_NO_EXTENSIONS"}
+    if no_extensions:
+        env["TLSUV_NO_EXTENSIONS"] = "1"
+    proc, port, _ = start_echo("--cert", str(certs.cert_file), "--key", str(certs.key_file),
+                               "--log-level", "debug", env=env)
+    payload = random.Random(11).randbytes(300_000)
+    try:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
+            assert recv_exactly(s, 4) == b"OK\r\n"
+            for i in range(0, len(payload), 50_000):  # within the server's high-water mark
+                s.sendall(payload[i:i + 50_000])
+                assert recv_exactly(s, 50_000) == payload[i:i + 50_000]
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    built = importlib.util.find_spec("tlsuv._speedups") is not None
+    if no_extensions:
+        expected = "data path: pure Python (TLSUV_NO_EXTENSIONS is set)"
+    elif built:
+        expected = "data path: compiled (tlsuv._speedups"
+    else:
+        expected = "data path: pure Python (tlsuv._speedups is not built"
+    assert any(" DEBUG tlsuv.echo: " + expected in line for line in err.splitlines()), err

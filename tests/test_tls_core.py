@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
 import pytest
-from conftest import Certs
+from conftest import Certs, require_speedups
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from memory_peers import PlainPeer, pump
@@ -20,17 +21,23 @@ from tlsuv.tls import OUTPUT_MAX, InvalidTransition, State, TLSEngine
 VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
 
 
-@pytest.fixture(autouse=True, params=["fast", "public"])
+@pytest.fixture(autouse=True, params=["compiled", "fast", "public"])
 def io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run every core test twice: on the direct OpenSSL hot path, and on pyOpenSSL's public API.
+    """Run every core test on three paths: compiled, direct OpenSSL calls, pyOpenSSL's public API.
 
-    The public path is what tlsuv falls back to if pyOpenSSL's private binding
-    changes; both must behave identically.
+    "compiled" is tlsuv._speedups (skipped where it is not built, unless
+    TLSUV_REQUIRE_SPEEDUPS=1); "fast" the same steps in Python through
+    pyOpenSSL's cffi binding (the reference, and what runs without the
+    extension); "public" what tlsuv falls back to if pyOpenSSL's private
+    binding changes.  All three must behave identically.
     """
     if request.param == "public":
         monkeypatch.setattr(tlsuv_openssl, "fast_handles", lambda conn: None)
-    else:
+    elif request.param == "fast":
         assert tlsuv_openssl.FAST_IO, "this pyOpenSSL should offer the fast path"
+        monkeypatch.setattr(tlsuv_openssl, "SPEEDUPS", None)
+    else:
+        require_speedups()
     return str(request.param)
 
 
@@ -45,7 +52,8 @@ def make_pair(certs: Certs, version: str = "TLSv1.3",
 
 def test_the_path_under_test_is_the_one_in_use(certs: Certs, io_path: str) -> None:
     engine = TLSEngine(certs.server_context())
-    assert (engine._ptr is not None) == (io_path == "fast")
+    assert (engine._ptr is not None) == (io_path != "public")
+    assert (engine.pipe is not None) == (io_path == "compiled")
 
 
 def state(engine: TLSEngine) -> State:
@@ -116,7 +124,7 @@ def test_output_view_carries_the_same_records_as_data_to_send(certs: Certs, size
     first = bytes(view)  # copied before any other engine call, as the contract says
     rest = engine.data_to_send() if len(view) >= OUTPUT_MAX else b""
     assert (len(view) >= OUTPUT_MAX) == (size > OUTPUT_MAX - 1000)
-    if io_path == "fast":
+    if io_path != "public":
         assert len(view) <= OUTPUT_MAX, "the direct path drains through the scratch buffer"
     assert len(engine.output_view()) == 0, "the BIO must be drained"
     peer.incoming(first + rest)
@@ -134,14 +142,33 @@ def test_records_read_together_come_out_as_few_chunks(certs: Certs, records: int
         assert peer.send(p)  # one full record each
     chunks = engine.receive(peer.outgoing())
     assert b"".join(chunks) == b"".join(payloads)
-    if io_path == "fast":
+    if io_path != "public":
         if 16384 * records <= OUTPUT_MAX - 16384:
             assert len(chunks) == 1
         else:  # 320 KiB: split where the scratch buffer is full, still far fewer than records
             assert 1 < len(chunks) < records
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.parametrize("tail", [1, 20_000])
+def test_the_rest_of_a_record_and_more_behind_it_are_one_chunk(certs: Certs, tail: int, io_path: str) -> None:
+    """Part of a record read earlier (OpenSSL holds it), then its rest and more records in one read:
+    one chunk on the direct paths, whichever buffer the plaintext is decrypted into."""
+    engine, peer = make_pair(certs)
+    pump(engine, peer)
+    first, rest = random.Random(1).randbytes(16384), random.Random(2).randbytes(tail)
+    assert peer.send(first)
+    record = peer.outgoing()
+    assert peer.send(rest)
+    assert engine.receive(record[:12_000]) == []
+    chunks = engine.receive(record[12_000:] + peer.outgoing())
+    assert b"".join(chunks) == first + rest
+    if io_path != "public":
+        assert len(chunks) == 1
+
+
+# 40 per path in `make test`; `make hypothesis-long` asks for 2000 on the compiled path.
+@settings(max_examples=int(os.environ.get("TLSUV_HYPOTHESIS_EXAMPLES", "40")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     seed=st.integers(0, 2**32 - 1),
     max_chunk=st.sampled_from([1, 2, 7, 100, 1500, 20000]),
@@ -287,7 +314,7 @@ def test_bad_handshake_record_leaves_an_alert_for_the_peer(certs: Certs, io_path
         engine.receive(b"\x16\x03\x01" + len(body).to_bytes(2, "big") + body)
     assert info.value.reason
     # Naming the alert needs a look into the outgoing BIO, which only the direct path has.
-    assert info.value.alert == ("decode_error" if io_path == "fast" else None)
+    assert info.value.alert == ("decode_error" if io_path != "public" else None)
     alert = engine.data_to_send()
     assert alert[:1] == b"\x15", f"expected an alert record, got {alert!r}"
     assert alert[5:7] == b"\x02\x32", "fatal (2) decode_error (50)"
@@ -360,7 +387,7 @@ def test_compaction_frees_the_bios_and_the_connection_keeps_working(
 def test_renegotiation_after_compaction(certs: Certs, io_path: str) -> None:
     engine, peer = make_pair(certs, "TLSv1.2")
     pump(engine, peer)
-    assert engine.compact() == (io_path == "fast")
+    assert engine.compact() == (io_path != "public")
     assert engine.renegotiate()
     got = bytearray()
     for _ in range(5):
@@ -380,7 +407,7 @@ def test_compaction_waits_for_the_handshake(certs: Certs, io_path: str) -> None:
     assert not engine.compact(), "not during the handshake"
     pump(engine, peer)
     assert state(engine) is State.ESTABLISHED
-    assert engine.compact() == (io_path == "fast")
+    assert engine.compact() == (io_path != "public")
 
 
 def renegotiation_in_flight(certs: Certs) -> tuple[TLSEngine, PlainPeer]:
@@ -405,7 +432,7 @@ def test_compaction_waits_for_the_deferred_writes(certs: Certs, io_path: str) ->
     for e in (engine, twin):
         assert state(e) is State.ESTABLISHED
         assert e.wants_compaction
-        assert e.pending_output() == (0 if io_path == "fast" else -1)
+        assert e.pending_output() == (0 if io_path != "public" else -1)
     if io_path == "public":
         assert not engine.compact() and not twin.compact(), "no BIOs of its own to free"
         return

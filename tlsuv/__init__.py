@@ -5,7 +5,9 @@ The public surface::
     Server, Connection, ConnectionOptions, Handler, TLSEngine,
     self_signed, server_context, load_bundle, ServerPolicy, build_server_context,
     ContextSet, build_context_set,
-    ProxyOptions, and the errors.
+    ProxyOptions, and the errors;
+    speedups_active() and data_path(): whether the compiled data path
+    (tlsuv._speedups) runs, or the pure-Python one, and why.
 
 The client lives in :mod:`tlsuv.client` (``tlsuv.client.connect``), a package
 so that ``python -m tlsuv.client`` runs its ``__main__.py`` without executing
@@ -13,6 +15,7 @@ the library twice; it is not imported here, to keep ``import tlsuv`` to what
 a server needs.
 """
 
+from ._openssl import data_path, speedups_active
 from .certs import CertificateBundle, CertificateError, load_bundle, self_signed, server_context
 from .connection import Connection, ConnectionOptions
 from .errors import (
@@ -65,7 +68,9 @@ __all__ = [
     "TruncationError",
     "build_context_set",
     "build_server_context",
+    "data_path",
     "load_bundle",
     "self_signed",
     "server_context",
+    "speedups_active",
 ]

@@ -16,7 +16,10 @@ application data flows, and it implements RFC 6125 wildcard rules for us.
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
+import os
+from collections.abc import Mapping
 from typing import Any, Final
 
 from OpenSSL import SSL
@@ -299,3 +302,92 @@ def group_name(conn: SSL.Connection) -> str | None:
         return None
     name = _lib.SSL_get0_group_name(_ssl_ptr(conn))
     return None if name == _ffi.NULL else _ffi.string(name).decode("ascii", "replace")
+
+# -- The compiled data path ------------------------------------------------------
+#
+# tlsuv._speedups (tlsuv/_speedups.c) does the per-message steps of the hot path
+# above -- BIO_write and the SSL_read loop, SSL_write, draining the outgoing BIO
+# and the write(2) -- in one C call each, on the same SSL* and BIO* pyOpenSSL
+# made.  The OpenSSL that cryptography bundles exports no symbols, so the
+# module cannot link against it: it calls the functions through the addresses
+# of the very ones pyOpenSSL's cffi binding calls, taken here once.  Each one
+# must exist with the C prototype the module was written for, or nothing is
+# bound and tlsuv runs its pure-Python path as a whole: never half of each.
+
+# The prototypes tlsuv/_speedups.c calls, as pyOpenSSL's cffi binding declares them.
+SPEEDUPS_PROTOTYPES: Final = {
+    "SSL_read": "int(*)(SSL *, void *, int)",
+    "SSL_write": "int(*)(SSL *, void *, int)",
+    "SSL_get_error": "int(*)(SSL *, int)",
+    "SSL_pending": "int(*)(SSL *)",
+    "BIO_read": "int(*)(BIO *, void *, int)",
+    "BIO_write": "int(*)(BIO *, void *, int)",
+    "BIO_get_mem_data": "long(*)(BIO *, char * *)",
+}
+
+
+def load_speedups(lib: Any = _lib, environ: Mapping[str, str] = os.environ) -> tuple[Any, str]:
+    """The compiled data path, bound to ``lib``'s OpenSSL, or None; and which path runs, and why.
+
+    ``TLSUV_NO_EXTENSIONS`` set to anything but "" or "0" forces the pure path
+    (aiohttp's convention), as does a tlsuv installed without a C compiler.
+    ``lib`` is a parameter so the tests can offer a binding with a function
+    missing or of the wrong type.
+    """
+    if environ.get("TLSUV_NO_EXTENSIONS", "") not in ("", "0"):
+        return None, "pure Python (TLSUV_NO_EXTENSIONS is set)"
+    if not FAST_IO or lib is None or _ffi is None:
+        return None, "pure Python (pyOpenSSL's binding lacks the direct OpenSSL calls)"
+    try:
+        # Built by setup.py when a C compiler was there; absent otherwise.
+        _speedups: Any = importlib.import_module("._speedups", __package__)
+    except ImportError as exc:
+        return None, f"pure Python (tlsuv._speedups is not built: {exc})"
+    addresses: dict[str, int] = {}
+    for name in _speedups.SYMBOLS:
+        fn = getattr(lib, name, None)
+        prototype = SPEEDUPS_PROTOTYPES.get(name)
+        try:
+            matches = fn is not None and prototype is not None and _ffi.typeof(fn) is _ffi.typeof(prototype)
+        except (TypeError, _ffi.error):  # not a cffi function at all
+            matches = False
+        if not matches:
+            return None, f"pure Python (pyOpenSSL's binding has no {name} of type {prototype})"
+        addresses[name] = int(_ffi.cast("uintptr_t", fn))
+    want_read = getattr(lib, "SSL_ERROR_WANT_READ", None)
+    if not isinstance(want_read, int):
+        return None, "pure Python (pyOpenSSL's binding has no SSL_ERROR_WANT_READ)"
+    try:
+        _speedups.bind(addresses, want_read)
+    except (LookupError, TypeError, ValueError, OverflowError) as exc:
+        return None, f"pure Python (tlsuv._speedups refused the binding: {exc})"
+    return _speedups, f"compiled (tlsuv._speedups, {os.path.basename(_speedups.__file__)})"
+
+
+SPEEDUPS, SPEEDUPS_STATUS = load_speedups()
+
+
+def speedups_active() -> bool:
+    """True when tlsuv's data path runs compiled (tlsuv._speedups), False on the pure-Python path."""
+    return SPEEDUPS is not None
+
+
+def data_path() -> str:
+    """Which data path runs, and why, in a few words (logged at start with ``--log-level debug``)."""
+    return str(SPEEDUPS_STATUS)
+
+
+def new_pipe(conn: SSL.Connection, handles: tuple[Any, Any, Any]) -> Any:
+    """A tlsuv._speedups.Pipe over ``conn``'s SSL* and memory BIOs (:func:`fast_handles`), or None.
+
+    The Pipe keeps ``conn`` alive, so its SSL* too.  The BIOs are the
+    caller's to watch: close the Pipe before :func:`drop_bios` or
+    :func:`fresh_bios` replaces them.
+    """
+    speedups = SPEEDUPS
+    if speedups is None:
+        return None
+    ssl, rbio, wbio = handles
+    cast = _ffi.cast
+    return speedups.Pipe(conn, int(cast("uintptr_t", ssl)), int(cast("uintptr_t", rbio)),
+                         int(cast("uintptr_t", wbio)))

@@ -134,7 +134,17 @@ from .errors import (
     TransportError,
 )
 from .proxy import ProxyHeader, ProxyOptions, ProxyParser
-from .tls import CLOSED, ESTABLISHED, HANDSHAKING, OUTPUT_MAX, PEER_CLOSED, SHUTDOWN_SENT, State, TLSEngine
+from .tls import (
+    CLOSED,
+    COMPACT_MIN,
+    ESTABLISHED,
+    HANDSHAKING,
+    OUTPUT_MAX,
+    PEER_CLOSED,
+    SHUTDOWN_SENT,
+    State,
+    TLSEngine,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -961,6 +971,33 @@ class Connection:
         the kernel does not take goes to uv_write as before.
         """
         tls = self._tls
+        pipe = tls.pipe
+        if pipe is not None:
+            # Compiled (tlsuv._speedups): the drain and the write(2) in one call.
+            # More than COMPACT_MIN bytes go through the engine, which notes
+            # that the BIO grew (wants_compaction); the rest needs nothing else.
+            tcp = self._tcp
+            fd = self._fd
+            if fd < 0:
+                with contextlib.suppress(pyuv.error.UVError):
+                    fd = self._fd = tcp.fileno()
+            if tcp.write_queue_size:
+                fd = -1
+            result = pipe.flush(fd, COMPACT_MIN)
+            if result is None:
+                result = tls.output_to(fd)
+            self._unflushed = 0
+            if tls.wants_compaction and not self._compact_queued:
+                self._compact_queued = True
+                self._pending.compact_later(self)
+            if isinstance(result, int):
+                if result:
+                    self.bytes_out += result
+                    if self._phase is P_OPEN and self._timer is not None:  # the idle deadline
+                        self._last_activity = tcp.loop.now()
+                return
+            self._flush_rest(*result)
+            return
         # Straight from the scratch buffer to the socket: bytes are made only
         # for what the kernel does not take now (libuv keeps those).
         view = tls.output_view()
@@ -999,14 +1036,31 @@ class Connection:
             rest = bytes(data[n:])
         else:
             rest = bytes(data)
+        self._queue_write(rest)
+
+    def _flush_rest(self, size: int, rest: bytes | int) -> None:
+        """The compiled flush drained ``size`` bytes; the kernel did not take ``rest`` (or failed: errno)."""
+        self.bytes_out += size
+        if self._phase is P_OPEN and self._timer is not None:
+            self._last_activity = self._tcp.loop.now()
+        if isinstance(rest, int):  # write(2) failed: as the pure path reports an OSError
+            exc = OSError(rest, os.strerror(rest))
+            error = TransportError(f"write failed: {exc.strerror}", errno=rest)
+            error.__cause__ = exc
+            self._abort(self._gave_up(error))
+            return
+        self._queue_write(rest)
+
+    def _queue_write(self, rest: bytes) -> None:
+        """What the kernel did not take goes to libuv, which keeps the order."""
         try:
-            tcp.write(rest, self._on_write)
+            self._tcp.write(rest, self._on_write)
         except pyuv.error.UVError as exc:
             self._abort(TransportError(f"write failed: {uv_error_text(exc)}"), cause=exc)
             return
         # libuv holds data now (unless its own write took everything): the send
         # deadline runs from here until the queue drains (_on_write).
-        if self._send_timer is None and self._options.send_timeout is not None and tcp.write_queue_size:
+        if self._send_timer is None and self._options.send_timeout is not None and self._tcp.write_queue_size:
             self._arm_send_timer()
 
     def _start_tls_shutdown(self) -> None:

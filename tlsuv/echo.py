@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 import pyuv
 
 from . import _cli, accesslog, activation, limits, policy, reload, upgrade, workers
+from ._openssl import data_path
 from ._uv import format_address
 from .certs import CertificateError, load_bundle, self_signed
 from .connection import Connection, ConnectionOptions
@@ -105,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         inherited = activation.inherited_sockets(args.listen_fd)
     except activation.ActivationError as exc:
         _cli.fail(f"{PROG}: error: {exc}")
+    log.debug("data path: %s", data_path())
     try:
         bundle = load_bundle(args.cert, args.key) if args.cert is not None else self_signed()
         # Built from the files as the reloader reads them, so that what it

@@ -220,7 +220,9 @@ class TLSEngine:
     ``deferred`` (plaintext OpenSSL could not take yet, oldest first, or
     None) and ``deferred_bytes`` (its size), ``wants_compaction``
     (:meth:`compact` would give memory back), ``detached`` (it did, and the
-    BIOs come back on the next use), ``handshake_completed`` (sticky).
+    BIOs come back on the next use), ``handshake_completed`` (sticky),
+    ``pipe`` (the compiled data path, tlsuv._speedups, or None: then
+    :meth:`output_to` is how the owner flushes).
     """
 
     # Public attributes are read-only for everyone but the engine: one surface
@@ -233,6 +235,7 @@ class TLSEngine:
         "deferred_bytes",
         "detached",
         "handshake_completed",
+        "pipe",
         "read_after_shutdown",
         "server_side",
         "ssl",
@@ -276,6 +279,9 @@ class TLSEngine:
         self._wbio: Any = None
         if handles is not None:
             self._ptr, self._rbio, self._wbio = handles
+        # The compiled data path over the same SSL* and BIOs (a tlsuv._speedups
+        # Pipe), or None: receive, write and output_to use it when it is there.
+        self.pipe: Any = _o.new_pipe(self.ssl, handles) if handles is not None else None
         _o.release_idle_buffers(self.ssl)
         _o.whole_writes(self.ssl)
         # compact() would give memory back: a BIO held more than COMPACT_MIN,
@@ -321,6 +327,17 @@ class TLSEngine:
         ptr = self._ptr
         if ptr is None or self.state is not ESTABLISHED:
             return self._receive_other(data)
+        pipe = self.pipe
+        if pipe is not None:
+            # Compiled: the steps below and _read_records' loop in one call;
+            # anything but WANT_READ comes back here to be mapped.
+            if len(data) > COMPACT_MIN:
+                self.wants_compaction = True
+            chunks: list[bytes] = []
+            status = pipe.receive(data, chunks)
+            if status != 1:
+                self._read_failed(ptr, status, ESTABLISHED)
+            return chunks
         # The common case, kept to a few steps: one record in, its plaintext
         # out.  No exception: after a successful read nothing more can come
         # out of OpenSSL unless unread records wait in the incoming BIO
@@ -388,23 +405,36 @@ class TLSEngine:
                     chunks.append(_unpack(buf, used))
                     used = 0
             else:
-                err = _SSL_get_error(ptr, n)
-                if err == _WANT_READ:
-                    break
-                if err == _ZERO_RETURN:
-                    self._on_zero_return(state)
-                    break
-                try:
-                    _o.raise_ssl_error(self.ssl, n)
-                except SSL.WantReadError:  # pragma: no cover - SSL_get_error said otherwise
-                    break
-                except SSL.Error as exc:
-                    raise self._fail(exc) from exc
-                raise self._fail(SSL.Error([("SSL", "", f"SSL_read failed ({err})")]))  # pragma: no cover
+                if _SSL_get_error(ptr, n) != _WANT_READ:
+                    self._read_failed(ptr, n, state)
+                break
             n = _SSL_read(ptr, buf + used if used else buf, RECV_SIZE)
         if used:
             chunks.append(_unpack(buf, used))
         return chunks
+
+    def _read_failed(self, ptr: Any, n: int | None, state: State) -> None:
+        """SSL_read returned ``n`` <= 0 (None: the memory BIO refused input): close_notify, or raise.
+
+        Both paths end here, the compiled one included: SSL_get_error only
+        peeks at OpenSSL's error queue, so asking it again gives the same
+        answer, and pyOpenSSL's own code maps the error.
+        """
+        if n is None:  # pragma: no cover - memory BIOs grow
+            raise self._fail(SSL.Error([("BIO", "", "memory BIO refused input")]))
+        err = _SSL_get_error(ptr, n)
+        if err == _WANT_READ:
+            return
+        if err == _ZERO_RETURN:
+            self._on_zero_return(state)
+            return
+        try:
+            _o.raise_ssl_error(self.ssl, n)
+        except SSL.WantReadError:  # pragma: no cover - SSL_get_error said otherwise
+            return
+        except SSL.Error as exc:
+            raise self._fail(exc) from exc
+        raise self._fail(SSL.Error([("SSL", "", f"SSL_read failed ({err})")]))  # pragma: no cover
 
     def _receive_public(self, data: bytes, state: State) -> list[bytes]:
         ssl = self.ssl
@@ -479,7 +509,9 @@ class TLSEngine:
             # message (callgrind counts it in the 64-connection ping-pong).
             # Both go through _SSL_write, so one patched symbol reaches both.
             size = len(data)
-            n = _SSL_write(ptr, data, size)  # cffi: bytes to void*, no copy
+            pipe = self.pipe
+            # cffi: bytes to void*, no copy; or the compiled path, the same call.
+            n = _SSL_write(ptr, data, size) if pipe is None else pipe.write(data)
             if n == size:
                 return
             if n > 0:  # pragma: no cover - only if whole_writes() could not clear partial writes
@@ -593,6 +625,22 @@ class TLSEngine:
             self.wants_compaction = True
         return scratch.view[:n]
 
+    def output_to(self, fd: int) -> int | tuple[int, bytes | int]:
+        """Drain the outgoing BIO and write(2) it to ``fd`` at once, in one compiled call.
+
+        Only while :attr:`pipe` is not None; the owner's socket must be non-blocking
+        and have nothing queued before it (or pass -1 to write nothing).
+        Returns how many bytes were drained when all of them went out (0:
+        none waited); ``(drained, rest)`` when the kernel did not take
+        ``rest`` (bytes, for the owner to queue), ``(drained, errno)`` when
+        write(2) failed.  The engine itself still does no I/O: the owner
+        hands it the descriptor.
+        """
+        result = self.pipe.flush(fd)
+        if (result if type(result) is int else result[0]) > COMPACT_MIN:
+            self.wants_compaction = True
+        return result  # type: ignore[no-any-return]
+
     def data_to_send(self) -> bytes:
         """Drain and return the ciphertext OpenSSL produced (b"" when none)."""
         bio = self._wbio
@@ -647,6 +695,10 @@ class TLSEngine:
             return False
         if _BIO_get_mem_data(self._rbio, _NULL) or _BIO_get_mem_data(self._wbio, _NULL) or _SSL_pending(ptr):
             return False
+        pipe = self.pipe
+        if pipe is not None:  # it must never see the BIOs drop_bios frees
+            self.pipe = None
+            pipe.close()
         if not _o.drop_bios(self.ssl):
             return False
         self._ptr = self._rbio = self._wbio = None
@@ -661,6 +713,7 @@ class TLSEngine:
         handles = _o.fast_handles(self.ssl)
         assert handles is not None  # compact() only detaches on the fast path
         self._ptr, self._rbio, self._wbio = handles
+        self.pipe = _o.new_pipe(self.ssl, handles)
         self.detached = False
         # Idle again later, it should give them back again.
         self.wants_compaction = True

@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt  # after choosing the backend
 
 from .report import METRICS, fmt
 
-COLOURS = {"tlsuv": "#d62728", "asyncio": "#1f77b4", "uvloop": "#2ca02c", "twisted": "#9467bd",
-           "plain": "#7f7f7f"}
+COLOURS = {"tlsuv": "#d62728", "tlsuv-pure": "#ff9896", "asyncio": "#1f77b4", "uvloop": "#2ca02c",
+           "twisted": "#9467bd", "plain": "#7f7f7f"}
 
 
 def draw(

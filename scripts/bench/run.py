@@ -131,6 +131,7 @@ from typing import Any
 
 from OpenSSL import SSL
 
+from tlsuv import data_path
 from tlsuv.certs import self_signed
 
 from . import loadgen, report, servers, workers
@@ -384,6 +385,7 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
     out["tlsuv tree"] = _tree_state()
+    out["tlsuv data path (column tlsuv)"] = data_path()
     try:
         with open("/proc/cpuinfo") as f:
             out["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),

@@ -32,11 +32,12 @@ class ServerSpec:
     label: str  # table heading
     tls: bool
     needs: tuple[str, ...]  # modules the server imports: the bench extra's, for the peers
+    env: tuple[tuple[str, str], ...] = ()  # set in the server's environment
 
     def argv(self, port: int, cert: Path, key: Path) -> list[str]:
         tls = ["--cert", str(cert), "--key", str(key)]
         common = ["--host", HOST, "--port", str(port)]
-        if self.name == "tlsuv":
+        if self.name in ("tlsuv", "tlsuv-pure"):
             return [sys.executable, "-m", "tlsuv.echo", *common, *tls, "--log-level", "warning"]
         if self.name == "twisted":
             return [sys.executable, str(HERE / "echo_twisted.py"), *common, *tls]
@@ -59,6 +60,9 @@ class ServerSpec:
 
 SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec("tlsuv", "tlsuv", True, ("pyuv", "OpenSSL")),
+    # The same server on its pure-Python data path (tlsuv._speedups not used).
+    ServerSpec("tlsuv-pure", "tlsuv, pure Python", True, ("pyuv", "OpenSSL"),
+               (("TLSUV_NO_EXTENSIONS", "1"),)),
     ServerSpec("asyncio", "asyncio+ssl", True, ()),
     ServerSpec("uvloop", "uvloop+ssl", True, ("uvloop",)),
     ServerSpec("twisted", "Twisted TLS", True, ("twisted", "service_identity")),
@@ -68,7 +72,7 @@ SERVERS: tuple[ServerSpec, ...] = (
     ServerSpec("pyuv", "pyuv plain TCP", False, ("pyuv",)),
     ServerSpec("floor", "pyuv+OpenSSL floor", True, ("pyuv", "OpenSSL")),
 )
-DEFAULT_SERVERS: tuple[str, ...] = ("tlsuv", "asyncio", "uvloop", "twisted", "plain")
+DEFAULT_SERVERS: tuple[str, ...] = ("tlsuv", "tlsuv-pure", "asyncio", "uvloop", "twisted", "plain")
 BASELINE = "uvloop"  # every figure is also shown as a ratio to this server's
 
 # asyncio's and uvloop's TLS transports hand a plain Protocol each read as
@@ -100,6 +104,7 @@ class RunningServer:
         env.pop("OPENSSL_CONF", None)
         if steady_malloc:
             env.update(STEADY_MALLOC)
+        env.update(spec.env)
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 spec.argv(self.port, cert, key), stdin=subprocess.DEVNULL, stdout=out,

@@ -74,6 +74,7 @@ def main() -> int:
         port = servers.free_port()
         out = d / "callgrind.out"
         env = {k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"} | servers.STEADY_MALLOC
+        env |= dict(spec.env)
         argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                 *spec.argv(port, cert, key), *args.server_arg]
         log = open(d / "server.log", "wb")  # noqa: SIM115 - closed below, after the process
