@@ -87,8 +87,10 @@ bench: $(BENCH_STAMP)
 # memcheck: its own tests and the core tests on the compiled path under valgrind;
 # asan: the whole suite with the extension built with AddressSanitizer and UBSan;
 # hypothesis-long: the chunking property test with 2000 examples on the compiled path.
-MEMCHECK_TESTS ?= tests/test_speedups.py tests/test_tls_core.py tests/test_server.py -k "not fast and not public and not pure"
-# Under valgrind everything runs ~50x slower: five chunking examples, and no per-test timeout.
+MEMCHECK_TESTS ?= tests/test_speedups.py tests/test_tls_core.py tests/test_server.py \
+	-k "not fast and not public and not pure and not 500_concurrent"
+# Under valgrind everything runs ~50x slower: five chunking examples, no per-test timeout,
+# and not the 500-connection test (its clients give up on handshakes that slow).
 memcheck: $(STAMP)
 	TLSUV_REQUIRE_SPEEDUPS=1 TLSUV_HYPOTHESIS_EXAMPLES=5 \
 		$(PY) scripts/memcheck.py $(MEMCHECK_TESTS) -q --timeout 0 $(PYTEST_ARGS)
