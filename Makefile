@@ -99,7 +99,8 @@ ASAN_DIR := build/asan
 ASAN_CFLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 asan: $(STAMP)
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)/tlsuv
-	cp tlsuv/*.py tlsuv/py.typed $(ASAN_DIR)/tlsuv/
+	cp -r tlsuv/. $(ASAN_DIR)/tlsuv/  # the sources (tlsuv.client is a package), then the in-place build out
+	rm -rf $(ASAN_DIR)/tlsuv/_speedups*.so $$(find $(ASAN_DIR)/tlsuv -name __pycache__)
 	$(CC) -shared -fPIC -Wall -Wextra $(ASAN_CFLAGS) \
 		-I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" tlsuv/_speedups.c \
 		-o "$(ASAN_DIR)/tlsuv/_speedups$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
