@@ -95,18 +95,16 @@ memcheck: $(STAMP)
 	TLSUV_REQUIRE_SPEEDUPS=1 TLSUV_HYPOTHESIS_EXAMPLES=5 \
 		$(PY) scripts/memcheck.py $(MEMCHECK_TESTS) -q --timeout 0 $(PYTEST_ARGS)
 
-ASAN_DIR := build/asan
 ASAN_CFLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+# The ASan build replaces the in-place extension for the run and is put back after it: the
+# editable install's import hook finds tlsuv in the source tree whatever PYTHONPATH says.
 asan: $(STAMP)
-	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)/tlsuv
-	cp -r tlsuv/. $(ASAN_DIR)/tlsuv/  # the sources (tlsuv.client is a package), then the in-place build out
-	rm -rf $(ASAN_DIR)/tlsuv/_speedups*.so $$(find $(ASAN_DIR)/tlsuv -name __pycache__)
+	so=$$(ls tlsuv/_speedups*.so) && cp "$$so" "$$so.keep" && \
 	$(CC) -shared -fPIC -Wall -Wextra $(ASAN_CFLAGS) \
-		-I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" tlsuv/_speedups.c \
-		-o "$(ASAN_DIR)/tlsuv/_speedups$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
-	PYTHONPATH=$(ASAN_DIR) $(PY) -c 'import tlsuv._speedups as m, sys; sys.exit("$(ASAN_DIR)" not in m.__file__)'
-	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 PYTHONMALLOC=malloc \
-		PYTHONPATH=$(ASAN_DIR) TLSUV_REQUIRE_SPEEDUPS=1 $(PY) -m pytest -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+		-I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" tlsuv/_speedups.c -o "$$so" && \
+	{ LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 PYTHONMALLOC=malloc \
+		TLSUV_REQUIRE_SPEEDUPS=1 $(PY) -m pytest -p no:cacheprovider -m "not slow" $(PYTEST_ARGS); \
+	  rc=$$?; mv "$$so.keep" "$$so"; exit $$rc; }
 
 hypothesis-long: $(STAMP)
 	TLSUV_REQUIRE_SPEEDUPS=1 TLSUV_HYPOTHESIS_EXAMPLES=2000 \
