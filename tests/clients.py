@@ -208,3 +208,111 @@ class RawTLSClient:
         """Close with RST (SO_LINGER 0): the abrupt ending a crashed peer produces."""
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
+
+
+class CountingClient:
+    """Python's ssl over memory BIOs on a plain socket, counting every byte on the wire.
+
+    The metrics and access-log tests compare the server's byte counts with
+    what the client really sent and received, so every step reads the
+    socket itself and every ending reads to the server's EOF (nothing left
+    unread, which would turn the client's close into a reset).
+    """
+
+    def __init__(self, port: int, ctx: ssl.SSLContext | None, *, session: ssl.SSLSession | None = None,
+                 server_hostname: str | None = "localhost", prefix: bytes = b"",
+                 timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.local_port = int(self.sock.getsockname()[1])
+        self.sent = 0
+        self.received = 0
+        self.eof = False
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname=server_hostname,
+                                session=session) if ctx is not None else None
+        if prefix:
+            self.send_raw(prefix)
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+        self.sent += len(data)
+
+    def _send_pending(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.send_raw(data)
+
+    def _recv(self) -> bool:
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        self.received += len(data)
+        if not data:
+            self.eof = True
+            self.incoming.write_eof()
+            return False
+        self.incoming.write(data)
+        return True
+
+    def handshake(self) -> None:
+        assert self.obj is not None
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._send_pending()
+                if not self._recv():
+                    raise ConnectionError("server closed during the handshake") from None
+            except ssl.SSLError:
+                self._send_pending()  # the alert this client sends the server
+                raise
+        self._send_pending()
+
+    def read_exactly(self, n: int) -> bytes:
+        assert self.obj is not None
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                buf += self.obj.read(n - len(buf))
+            except ssl.SSLWantReadError:
+                if not self._recv():
+                    raise EOFError(f"EOF after {len(buf)} of {n} bytes") from None
+        return bytes(buf)
+
+    def write(self, data: bytes) -> None:
+        assert self.obj is not None
+        self.obj.write(data)
+        self._send_pending()
+
+    def echo(self, payload: bytes) -> None:
+        self.write(payload)
+        assert self.read_exactly(len(payload)) == payload
+
+    def close_clean(self) -> None:
+        """close_notify both ways, then the server's EOF."""
+        assert self.obj is not None
+        while True:
+            try:
+                self.obj.unwrap()
+                break
+            except ssl.SSLWantReadError:
+                self._send_pending()
+                if not self._recv():
+                    break
+        self._send_pending()
+        self.finish()
+
+    def finish(self) -> None:
+        """Half-close (FIN) and read to the server's EOF; then close."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        self.wait_eof()
+
+    def wait_eof(self) -> None:
+        """Read (and count) until the server closes; then close."""
+        while not self.eof:
+            self._recv()
+        self.sock.close()

@@ -199,6 +199,7 @@ class ServerThread:
     options: tlsuv.ConnectionOptions = field(default_factory=tlsuv.ConnectionOptions)
     host: str = "127.0.0.1"
     max_connections: int | None = None
+    max_connections_per_ip: int | None = None
     grace: float = 5.0
     handlers: list[tlsuv.Handler] = field(default_factory=list)
     connections: list[tlsuv.Connection] = field(default_factory=list)
@@ -206,7 +207,8 @@ class ServerThread:
     def __post_init__(self) -> None:
         self.loop = CheckedLoop()
         self.server = tlsuv.Server(self.loop, self.context, self._factory, options=self.options,
-                                   max_connections=self.max_connections)
+                                   max_connections=self.max_connections,
+                                   max_connections_per_ip=self.max_connections_per_ip)
         self.address = self.server.listen(self.host, 0)
         self.port = self.address[1]
         self._calls: list[tuple[Callable[[], Any], list[Any], threading.Event]] = []
@@ -297,7 +299,8 @@ class ServerThread:
         def close() -> None:
             self.server.close(self.grace, self._async.close)
 
-        self.call(close)
+        if not self._async.closed:  # else the test closed it and the loop is ending by itself
+            self.call(close)
         self._thread.join(timeout)
         assert not self._thread.is_alive(), "loop did not stop: a handle stayed active"
 

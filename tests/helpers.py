@@ -8,11 +8,14 @@ must let time pass (a timer that must *not* fire) says so where it sleeps.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
+
+import pytest
 
 # What tlsuv.echo greets every client with, spelt out so the tests pin it.
 GREETING = b"OK\r\n"
@@ -47,3 +50,16 @@ def wait_until(predicate: Callable[[], T], *, timeout: float = 10.0, what: str,
         if expired:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)  # the poll interval itself: the one sleep the tests need
+
+
+def unavailable(message: str, require: str) -> NoReturn:
+    """A real peer or tool a test needs is missing: skip, or fail where it was promised.
+
+    ``.ci/run`` installs every such tool and sets its ``require`` variable
+    (``TLSUV_REQUIRE_HAPROXY=1``, ...): there a missing tool is a failure, so
+    CI cannot pass by skipping.  On a developer's machine it is a skip that
+    says what to install.
+    """
+    if os.environ.get(require) == "1":
+        pytest.fail(f"{message}; {require}=1 requires it")
+    pytest.skip(message)

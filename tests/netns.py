@@ -32,10 +32,10 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
-import pytest
+import helpers
 
-REQUIRE = os.environ.get("TLSUV_REQUIRE_NETNS") == "1"
 INSTALL = "apt-get install -y iproute2"
 CLIENT = Path(__file__).resolve().parent / "netns_client.py"
 NAME = re.compile(r"^tlsuv(\d+)-(\d+)\b")
@@ -45,11 +45,9 @@ BASE = ipaddress.IPv4Network("10.200.0.0/16")
 _counter = itertools.count()
 
 
-def unavailable(message: str) -> None:
+def unavailable(message: str) -> NoReturn:
     """Skip, or fail where the environment promised namespaces (TLSUV_REQUIRE_NETNS=1)."""
-    if REQUIRE:
-        pytest.fail(f"{message}; TLSUV_REQUIRE_NETNS=1 requires the network-namespace tests to run")
-    pytest.skip(message)
+    helpers.unavailable(message, "TLSUV_REQUIRE_NETNS")
 
 
 def tool(name: str) -> str:

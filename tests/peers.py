@@ -18,17 +18,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-import pytest
 import pyuv
-from helpers import GREETING
+from helpers import GREETING, unavailable
 
 import tlsuv
 from tlsuv.client import connect
 
 PYTHON_TLSUV = [sys.executable, "-m"]
 
-# Set by .ci/run: there a missing interop tool is a failure, not a skip.
-REQUIRE_TOOLS = os.environ.get("TLSUV_REQUIRE_INTEROP") == "1"
 
 INSTALL_HINTS = {
     "openssl": "apt-get install openssl",
@@ -40,10 +37,8 @@ def require_tool(name: str) -> str:
     """The tool's path; skip (or, in CI, fail) with the install command when it is missing."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not installed (install it with: {INSTALL_HINTS.get(name, name)})"
-        if REQUIRE_TOOLS:
-            pytest.fail(message + "; TLSUV_REQUIRE_INTEROP=1 requires the whole interop matrix")
-        pytest.skip(message)
+        unavailable(f"{name} not installed (install it with: {INSTALL_HINTS.get(name, name)})",
+                    "TLSUV_REQUIRE_INTEROP")
     return path
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from conftest import Certs
 from hammer import Hammer, LongLived, NotifySocket, ServerProcess, activated, recv_exactly
+from helpers import unavailable
 
 from tlsuv import activation
 from tlsuv.activation import ActivationError, Inherited, parse_environment
@@ -37,16 +38,12 @@ ECHO = [sys.executable, "-m", "tlsuv.echo"]
 HOST = "127.0.0.1"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
 
-# .ci/run installs Debian's systemd package and sets this: a missing tool fails there.
-REQUIRE = os.environ.get("TLSUV_REQUIRE_SYSTEMD") == "1"
 
 
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        if REQUIRE:
-            pytest.fail(f"{name} is missing and TLSUV_REQUIRE_SYSTEMD=1")
-        pytest.skip(f"{name} not installed (apt-get install systemd)")
+        unavailable(f"{name} not installed (apt-get install systemd)", "TLSUV_REQUIRE_SYSTEMD")
     return path
 
 

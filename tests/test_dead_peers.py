@@ -168,6 +168,7 @@ def test_outgoing_connections_get_them_too(certs: Certs) -> None:
 ])
 def test_bad_options_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
+        # Deliberately wrong values and types: the options' own checks are under test.
         tlsuv.ConnectionOptions(**kwargs)  # type: ignore[arg-type]
 
 

@@ -1,12 +1,15 @@
-"""The interop matrix: tlsuv's echo server and client against other TLS stacks.
+"""The interop matrix: tlsuv's echo server and client against other TLS stacks, with every profile.
 
-Echo server (``python -m tlsuv.echo``) <- openssl s_client (TLS 1.2, 1.3), GnuTLS gnutls-cli
-(TLS 1.2, 1.3), Python's ssl (TLS 1.2, 1.3), tlsuv's client (CLI and library).
-tlsuv's client (CLI and library) -> openssl s_server (TLS 1.2, 1.3).
+Echo server (``python -m tlsuv.echo --tls-profile P``, for each of modern, intermediate and old)
+<- openssl s_client, GnuTLS gnutls-cli and Python's ssl, each pinned to TLS 1.0, 1.1, 1.2 and
+1.3 in turn, and tlsuv's client (library: TLS 1.2, 1.3; CLI).  A version the profile offers must
+give a byte-exact echo and a clean ending; a version it does not offer must be refused (the
+peer fails its handshake) -- modern refuses TLS 1.2, intermediate 1.0 and 1.1.
+tlsuv's client (library, for each profile; CLI) -> openssl s_server pinned to each version.
 
-Every cell checks a byte-exact echo and a clean ending (exit code 0, or a
-``closed(None)``).  A missing tool skips its cells with the install command;
-under ``TLSUV_REQUIRE_INTEROP=1`` (set by ``.ci/run``) it fails them instead.
+Every success checks a byte-exact echo and a clean ending (exit code 0, or a ``closed(None)``).
+A missing tool skips its cells with the install command; under ``TLSUV_REQUIRE_INTEROP=1``
+(set by ``.ci/run``) it fails them instead.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,33 +28,63 @@ from conftest import Certs, CheckedLoop, TLSFiles, recv_exactly
 from helpers import GREETING
 from peers import ClientRecorder, Interactive, echo_cli, openssl_s_server, require_tool, run_loop
 
+import tlsuv
+from tlsuv import profiles
 from tlsuv.client import connect
 
 PAYLOAD = b"interop: tlsuv echo \x01\x02\xfe\xff\n"
 # gnutls-cli and s_client read stdin by lines; a line of text suits both.
 TEXT_LINE = b"interop check 0123456789\n"
 
-ServerArgv = Callable[[int, Certs], list[str]]
+VERSIONS = ("1.0", "1.1", "1.2", "1.3")
+# TLS 1.0 and 1.1 sign their handshake with MD5+SHA-1, which OpenSSL 3 refuses
+# unless its security level is 0 -- on the client as much as on the server.
+LEGACY_CIPHERS = "DEFAULT:@SECLEVEL=0"
+
+ClientArgv = Callable[[int, Certs], list[str]]
+
+
+@dataclass(frozen=True)
+class Served:
+    port: int
+    profile: profiles.Profile
+
+    def offers(self, version: str) -> bool:
+        v = profiles.PROTOCOL_VERSIONS
+        return v[self.profile.min_version] <= v[version]
 
 
 @pytest.fixture(scope="module")
 def echo_port(certs: Certs) -> Iterator[int]:
+    """The echo server with its defaults."""
     with echo_cli("--cert", str(certs.cert_file), "--key", str(certs.key_file)) as (_, port):
         yield port
 
 
-def s_client_argv(version: str) -> ServerArgv:
+@pytest.fixture(scope="module", params=list(profiles.PROFILES))
+def served(request: pytest.FixtureRequest, certs: Certs) -> Iterator[Served]:
+    """The echo server with each ``--tls-profile``."""
+    name: str = request.param
+    with echo_cli("--cert", str(certs.cert_file), "--key", str(certs.key_file),
+                  "--tls-profile", name) as (_, port):
+        yield Served(port, profiles.get(name))
+
+
+def s_client_argv(version: str) -> ClientArgv:
+    flag = {"1.0": "-tls1", "1.1": "-tls1_1", "1.2": "-tls1_2", "1.3": "-tls1_3"}[version]
+    legacy = ["-cipher", LEGACY_CIPHERS] if version in ("1.0", "1.1") else []
+
     def argv(port: int, certs: Certs) -> list[str]:
-        return [require_tool("openssl"), "s_client", "-connect", f"127.0.0.1:{port}", version,
+        return [require_tool("openssl"), "s_client", "-connect", f"127.0.0.1:{port}", flag, *legacy,
                 "-servername", "localhost", "-verify_return_error", "-verify_hostname", "localhost",
                 "-CAfile", str(certs.ca_file), "-brief"]
     return argv
 
 
-def gnutls_argv(priority: str) -> ServerArgv:
+def gnutls_argv(version: str) -> ClientArgv:
     def argv(port: int, certs: Certs) -> list[str]:
         return [require_tool("gnutls-cli"), "--x509cafile", str(certs.ca_file), "-p", str(port),
-                "--priority", priority, "--logfile", "/dev/null", "localhost"]
+                "--priority", f"NORMAL:-VERS-ALL:+VERS-TLS{version}", "--logfile", "/dev/null", "localhost"]
     return argv
 
 
@@ -58,16 +92,23 @@ def tlsuv_cli_argv(port: int, certs: Certs) -> list[str]:
     return [sys.executable, "-m", "tlsuv.client", "--cafile", str(certs.ca_file), f"localhost:{port}"]
 
 
-@pytest.mark.parametrize("argv", [
-    s_client_argv("-tls1_2"),
-    s_client_argv("-tls1_3"),
-    gnutls_argv("NORMAL:-VERS-ALL:+VERS-TLS1.2"),
-    gnutls_argv("NORMAL:-VERS-ALL:+VERS-TLS1.3"),
-    tlsuv_cli_argv,
-], ids=["openssl-s_client-tls1.2", "openssl-s_client-tls1.3", "gnutls-cli-tls1.2", "gnutls-cli-tls1.3",
-        "tlsuv-client-cli"])
-def test_echo_server_with_command_line_client(echo_port: int, certs: Certs, argv: ServerArgv) -> None:
-    with Interactive(argv(echo_port, certs)) as peer:
+CLI_CLIENTS = {
+    **{f"openssl-s_client-tls{v}": (v, s_client_argv(v)) for v in VERSIONS},
+    **{f"gnutls-cli-tls{v}": (v, gnutls_argv(v)) for v in VERSIONS},
+    # The client's own default profile (intermediate): the newest version both offer.
+    "tlsuv-client-cli": ("1.3", tlsuv_cli_argv),
+}
+
+
+@pytest.mark.parametrize("client", list(CLI_CLIENTS))
+def test_echo_server_with_command_line_client(served: Served, certs: Certs, client: str) -> None:
+    version, argv = CLI_CLIENTS[client]
+    with Interactive(argv(served.port, certs)) as peer:
+        if not served.offers(version):
+            # Refused: the client's handshake fails, it says so, and no byte is echoed.
+            assert peer.wait(10) != 0, bytes(peer.out)
+            assert GREETING not in bytes(peer.out)
+            return
         peer.read_until(GREETING)
         peer.write(TEXT_LINE)
         peer.read_until(GREETING + TEXT_LINE)
@@ -77,29 +118,77 @@ def test_echo_server_with_command_line_client(echo_port: int, certs: Certs, argv
         assert bytes(peer.out) == GREETING + TEXT_LINE
 
 
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3],
-                         ids=["tls1.2", "tls1.3"])
-def test_echo_server_with_python_ssl(echo_port: int, certs: Certs, version: ssl.TLSVersion) -> None:
+PY_VERSIONS = {"1.0": ssl.TLSVersion.TLSv1, "1.1": ssl.TLSVersion.TLSv1_1,
+               "1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=[f"tls{v}" for v in VERSIONS])
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+def test_echo_server_with_python_ssl(served: Served, certs: Certs, version: str) -> None:
     ctx = ssl.create_default_context(cafile=str(certs.ca_file))
-    ctx.minimum_version = ctx.maximum_version = version
-    with socket.create_connection(("127.0.0.1", echo_port), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname="localhost") as s:
-        assert recv_exactly(s, len(GREETING)) == GREETING
-        s.sendall(PAYLOAD)
-        assert recv_exactly(s, len(PAYLOAD)) == PAYLOAD
-        assert s.version() == version.name.replace("_", ".")
-        s.unwrap()  # close_notify both ways: the server answered ours
+    ctx.minimum_version = ctx.maximum_version = PY_VERSIONS[version]
+    if version in ("1.0", "1.1"):
+        ctx.set_ciphers(LEGACY_CIPHERS)
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as raw:
+        if not served.offers(version):
+            with pytest.raises(ssl.SSLError):
+                ctx.wrap_socket(raw, server_hostname="localhost")
+            return
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            assert recv_exactly(s, len(GREETING)) == GREETING
+            s.sendall(PAYLOAD)
+            assert recv_exactly(s, len(PAYLOAD)) == PAYLOAD
+            assert s.version() == PY_VERSIONS[version].name.replace("_", ".")
+            s.unwrap()  # close_notify both ways: the server answered ours
 
 
 @pytest.mark.parametrize("max_version", ["1.2", None], ids=["tls1.2", "tls1.3"])
-def test_echo_server_with_tlsuv_client(echo_port: int, certs: Certs, loop: CheckedLoop,
+def test_echo_server_with_tlsuv_client(served: Served, certs: Certs, loop: CheckedLoop,
                                        max_version: str | None) -> None:
     h = ClientRecorder(PAYLOAD, len(GREETING) + len(PAYLOAD))
-    run_loop(loop, [connect(loop, "localhost", echo_port, lambda c: h, cafile=certs.ca_file,
+    run_loop(loop, [connect(loop, "localhost", served.port, lambda c: h, cafile=certs.ca_file,
                             max_version=max_version)])
+    if not served.offers(max_version or "1.3"):
+        assert isinstance(h.reason, tlsuv.HandshakeError), h.reason
+        return
     assert h.reason is None, h.reason
     assert bytes(h.data) == GREETING + PAYLOAD
     assert h.info["version"] == ("TLSv1.2" if max_version else "TLSv1.3")
+
+
+OPENSSL_VERSION_NAMES = {"1.0": "TLSv1", "1.1": "TLSv1.1", "1.2": "TLSv1.2", "1.3": "TLSv1.3"}
+S_SERVER_VERSIONS = {"1.0": ["-tls1", "-cipher", LEGACY_CIPHERS],
+                     "1.1": ["-tls1_1", "-cipher", LEGACY_CIPHERS],
+                     "1.2": ["-tls1_2"], "1.3": ["-tls1_3"]}
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=[f"tls{v}" for v in VERSIONS])
+@pytest.mark.parametrize("profile", list(profiles.PROFILES))
+def test_tlsuv_client_profiles_with_openssl_s_server(loop: CheckedLoop, certs: Certs, profile: str,
+                                                     version: str) -> None:
+    # The client follows the same profiles: what it offers decides what it can reach.
+    with openssl_s_server("-cert", str(certs.cert_file), "-key", str(certs.key_file), "-rev",
+                          "-naccept", "1", *S_SERVER_VERSIONS[version]) as (srv, port):
+        h = ClientRecorder(b"hello\n", len(b"olleh\n"))
+        run_loop(loop, [connect(loop, "localhost", port, lambda c: h, cafile=certs.ca_file, profile=profile)])
+        srv.wait(10)
+    v = profiles.PROTOCOL_VERSIONS
+    if v[version] < v[profiles.get(profile).min_version]:
+        assert isinstance(h.reason, tlsuv.HandshakeError), h.reason
+        return
+    assert h.reason is None, h.reason
+    assert bytes(h.data) == b"olleh\n"
+    assert h.info["version"] == OPENSSL_VERSION_NAMES[version]
+
+
+def test_default_tlsuv_client_refuses_a_cbc_only_server(loop: CheckedLoop, certs: Certs) -> None:
+    # The obsolete CBC suites intermediate left out: a server with nothing else is refused.
+    with openssl_s_server("-cert", str(certs.cert_file), "-key", str(certs.key_file), "-rev",
+                          "-naccept", "1", "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA") as (srv, port):
+        h = ClientRecorder(b"hello\n", len(b"olleh\n"))
+        run_loop(loop, [connect(loop, "localhost", port, lambda c: h, cafile=certs.ca_file)])
+        srv.wait(10)
+    assert isinstance(h.reason, tlsuv.HandshakeError), h.reason
 
 
 @pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])

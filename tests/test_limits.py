@@ -373,3 +373,23 @@ def test_the_limit_is_never_lowered() -> None:
     before, after = raise_open_file_limit()
     assert before == soft and after >= soft
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == (after, hard)
+
+
+@pytest.mark.parametrize("limit", ["max_connections", "max_connections_per_ip"])
+def test_a_finished_connection_no_longer_counts_against_the_limits(certs: Certs, limit: str) -> None:
+    """A client that closes and reconnects at once is not refused by its own last connection.
+
+    The server closes the socket as a connection finishes, but libuv's close
+    callback (where the connection leaves ``Server.connections``) runs only at
+    the end of that loop iteration, after the poll that may already accept the
+    client's next connection.
+    """
+    kwargs = {limit: 1}
+    ctx = certs.client_ssl_context()
+    with server_thread(certs.server_context(), **kwargs) as st:
+        for i in range(30):
+            with socket.create_connection(("127.0.0.1", st.port), timeout=10) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                assert recv_exactly(s, len(GREETING)) == GREETING, f"session {i} refused"
+                s.unwrap()  # the server answers our close_notify and finishes at once
+        assert st.call(lambda: st.server.refused) == 0

@@ -82,6 +82,7 @@ def connect(certs: Certs, port: int, *, server_hostname: str = "localhost",
 
 def served(certs: Certs, port: int, **kwargs: object) -> bytes:
     """The DER of the certificate a fresh connection gets (after a full echo)."""
+    # connect()'s keyword arguments, forwarded; ** hides their types.
     with connect(certs, port, **kwargs) as s:  # type: ignore[arg-type]
         s.sendall(b"ping")
         assert recv_exactly(s, 4) == b"ping"

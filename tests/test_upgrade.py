@@ -68,6 +68,7 @@ def cert_files(certs: Certs, tmp_path: Path) -> CertFiles:
 
 
 def start(argv: list[str], **kwargs: object) -> tuple[ServerProcess, int]:
+    # ServerProcess's keyword arguments, forwarded; ** hides their types.
     srv = ServerProcess(argv, **kwargs)  # type: ignore[arg-type]
     try:
         return srv, srv.port()
@@ -436,8 +437,8 @@ def test_server_drain_serves_until_grace_then_close_notify(certs: Certs) -> None
         closed = threading.Event()
 
         def drained() -> None:
+            st._async.close()  # the last handle: the loop thread ends (and stop() only joins it)
             closed.set()
-            st._async.close()  # the last handle: the loop thread ends
 
         st.call(lambda: st.server.drain(1.0, drained))
         for address in ((HOST, st.port), ("::1", second[1])):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -145,3 +146,44 @@ def proxy_options(args: argparse.Namespace, prog: str) -> ProxyOptions | None:
         allow_from=args.proxy_from if args.proxy_from is not None else LOOPBACK,
         timeout=args.proxy_timeout if args.proxy_timeout is not None else DEFAULT_TIMEOUT,
     )
+
+
+# -- observability (tlsuv.metrics, tlsuv.accesslog) --------------------------------
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` (``:PORT`` alone: loopback), numeric hosts only.  Raises ValueError."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"expected HOST:PORT: {text!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    host = host or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"not a port number: {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0-65535: {port_text!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"not a numeric IP address: {host!r}") from None
+    return host, port
+
+
+def _address_argument(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_observability_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--metrics`` and ``--access-log``."""
+    g = parser.add_argument_group("observability")
+    g.add_argument("--metrics", type=_address_argument, default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics, and /-/healthy, /-/ready, "
+                        "/healthz (plain HTTP: keep it on loopback or a private network; port 0 picks one)")
+    g.add_argument("--access-log", default=None, metavar="FILE",
+                   help="append one JSON line per connection to FILE when it ends (-: stderr); "
+                        "SIGUSR1 reopens it")

@@ -98,6 +98,43 @@ def session_reused(conn: SSL.Connection) -> bool:
     return bool(_lib.SSL_session_reused(_ssl_ptr(conn)))
 
 
+_HAVE_NEGOTIATED: Final = _has("SSL_get_version", "SSL_get_current_cipher", "SSL_CIPHER_get_name",
+                               "SSL_get0_alpn_selected", "SSL_session_reused")
+# OpenSSL's version and cipher names are static strings: one Python str each,
+# kept, so counting a connection does not make new ones.
+_names: dict[bytes, str] = {}
+
+
+def _name(raw: bytes) -> str:
+    name = _names.get(raw)
+    if name is None:
+        name = _names[raw] = raw.decode("ascii", "replace")
+    return name
+
+
+def negotiated(conn: SSL.Connection) -> tuple[str, str | None, str | None, bool]:
+    """Version, cipher, ALPN protocol and "resumed" of a completed handshake, in four OpenSSL calls.
+
+    Once per connection, for tlsuv.stats: through pyOpenSSL's methods the
+    same four answers cost several times as much (each call re-checks and
+    re-wraps), which a server that accepts thousands of connections a
+    second notices.
+    """
+    if not _HAVE_NEGOTIATED:  # pragma: no cover - depends on pyOpenSSL internals
+        proto = conn.get_alpn_proto_negotiated()
+        return (conn.get_protocol_version_name(), conn.get_cipher_name(),
+                proto.decode("ascii", "replace") if proto else None, session_reused(conn))
+    ptr = _ssl_ptr(conn)
+    version = _name(_ffi.string(_lib.SSL_get_version(ptr)))
+    current = _lib.SSL_get_current_cipher(ptr)
+    cipher = None if current == _ffi.NULL else _name(_ffi.string(_lib.SSL_CIPHER_get_name(current)))
+    data = _ffi.new("unsigned char **")
+    length = _ffi.new("unsigned int *")
+    _lib.SSL_get0_alpn_selected(ptr, data, length)
+    alpn = _name(_ffi.buffer(data[0], length[0])[:]) if length[0] else None
+    return version, cipher, alpn, bool(_lib.SSL_session_reused(ptr))
+
+
 # -- The hot path ---------------------------------------------------------------
 #
 # Per message the echo server calls SSL_read twice (data, then WANT_READ),
@@ -233,6 +270,38 @@ def raise_ssl_error(conn: SSL.Connection, result: int) -> None:
     """Raise exactly what pyOpenSSL would for this SSL_read/SSL_write result."""
     conn._raise_ssl_error(conn._ssl, result)
 
+
+# -- Key-exchange groups (tlsuv.profiles) -----------------------------------------
+#
+# pyOpenSSL's public Context.set_tmp_ecdh sets one single curve; a profile
+# needs a list.  SSL_CTX_set1_curves_list is OpenSSL's older name for
+# SSL_CTX_set1_groups_list (same call, same syntax).
+
+_HAVE_GROUPS: Final = _has("SSL_CTX_set1_curves_list", "ERR_clear_error")
+_HAVE_GROUP_NAME: Final = _has("SSL_get0_group_name")
+
+
+def set_groups(ctx: SSL.Context, groups: str) -> bool:
+    """Set ``ctx``'s key-exchange groups (``"X25519:prime256v1"``); False if OpenSSL refused the list.
+
+    OpenSSL refuses the whole list if it does not know one name.  The refusal
+    leaves an entry on OpenSSL's error queue, which is cleared here: pyOpenSSL
+    would otherwise report it from the next unrelated call.
+    """
+    if not _HAVE_GROUPS:
+        return False
+    ok = bool(_lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode("ascii")) == 1)
+    if not ok:
+        _lib.ERR_clear_error()
+    return ok
+
+
+def group_name(conn: SSL.Connection) -> str | None:
+    """The key-exchange group the handshake used (``"X25519MLKEM768"``, ``"x25519"``...), or None."""
+    if not _HAVE_GROUP_NAME:
+        return None
+    name = _lib.SSL_get0_group_name(_ssl_ptr(conn))
+    return None if name == _ffi.NULL else _ffi.string(name).decode("ascii", "replace")
 
 # -- The compiled data path ------------------------------------------------------
 #

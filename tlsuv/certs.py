@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
+from . import profiles
 from .errors import TLSUVError, describe_openssl_error
 
 # Long enough for any test or demo session, short enough that a leaked
@@ -129,14 +130,17 @@ def read_file(path: str | Path, what: str) -> bytes:
         raise CertificateError(f"cannot read {what} file {path}: {exc.strerror}") from exc
 
 
-def new_context() -> SSL.Context:
-    """A server context with safe defaults: TLS 1.2 or newer."""
+def new_context(profile: str = profiles.DEFAULT_PROFILE) -> SSL.Context:
+    """A server context with safe defaults: a Server Side TLS profile, intermediate by default.
+
+    Intermediate is TLS 1.2 and 1.3 with forward-secret AEAD suites only
+    (:mod:`tlsuv.profiles`).
+    """
     ctx = SSL.Context(SSL.TLS_METHOD)
-    # TLS 1.0/1.1 are deprecated by RFC 8996.
-    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     # No TLS-level compression (CRIME).  OpenSSL 3 also refuses client
     # renegotiation unless asked: see tls.OP_ALLOW_CLIENT_RENEGOTIATION.
     ctx.set_options(SSL.OP_NO_COMPRESSION)
+    profiles.apply(ctx, profile, server=True)
     return ctx
 
 

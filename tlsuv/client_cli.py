@@ -279,8 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         client = Client(
             loop, cafile=args.cafile, verify=not args.insecure, cert=args.cert, key=args.key,
-            alpn=args.alpn, min_version=args.tls_min, max_version=args.tls_max, ciphers=args.ciphers,
-            ciphersuites=args.ciphersuites, keylog=args.keylog, options=options,
+            alpn=args.alpn, profile=args.tls_profile, min_version=args.tls_min, max_version=args.tls_max,
+            ciphers=args.ciphers, ciphersuites=args.ciphersuites, keylog=args.keylog, options=options,
             connect_timeout=args.connect_timeout, resume_sessions=False)
     except (CertificateError, policy.PolicyError) as exc:
         _cli.fail(f"{PROG}: error: {exc}")

@@ -285,6 +285,7 @@ class Connection:
         "_held",
         "_in_read",
         "_last_activity",
+        "_on_finish",
         "_on_gone",
         "_on_proxy_header",
         "_options",
@@ -303,6 +304,8 @@ class Connection:
         "_writing_paused",
         "bytes_in",
         "bytes_out",
+        "created_at",
+        "handshake_ms",
         "peer",
         "proxy_header",
         "proxy_peer",
@@ -321,6 +324,7 @@ class Connection:
         on_gone: Callable[[Connection], None] | None = None,
         server_side: bool = True,
         on_proxy_header: Callable[[Connection], BaseException | None] | None = None,
+        on_finish: Callable[[Connection], None] | None = None,
         server_hostname: str | None = None,
     ) -> None:
         self._tcp = tcp
@@ -329,6 +333,10 @@ class Connection:
         self._options = options
         self._on_gone = on_gone
         self._on_proxy_header = on_proxy_header  # the server's per-client limits (tlsuv.limits)
+        # Called as the connection finishes (its socket closed at once), before
+        # on_gone (libuv's close callback, at the end of the loop iteration): a
+        # server at its connection limit must not count a connection that ended.
+        self._on_finish = on_finish
         self._tls = TLSEngine(
             context,
             server_side=server_side,
@@ -366,6 +374,11 @@ class Connection:
         self.user_data: Any = None
         self.bytes_in = 0  # ciphertext bytes read from the socket
         self.bytes_out = 0  # ciphertext bytes handed to libuv
+        # For monitoring (tlsuv.stats, tlsuv.accesslog), in the loop's cached
+        # clock (milliseconds; no system call): when the connection was made (the
+        # accept), and how long its handshake took once it completed.
+        self.created_at: int = tcp.loop.now()
+        self.handshake_ms: int | None = None
         self._handler: Handler | None = None
         self._handler = self._call_factory(factory)
 
@@ -456,6 +469,12 @@ class Connection:
     def handshake_completed(self) -> bool:
         """The TLS handshake completed (and stays True if the connection failed later)."""
         return self._tls.handshake_completed
+
+    @property
+    def handshake_seconds(self) -> float | None:
+        """How long the handshake took (from the accept), or None until it completes."""
+        ms = self.handshake_ms
+        return None if ms is None else ms / 1000
 
     @property
     def closed(self) -> bool:
@@ -756,6 +775,7 @@ class Connection:
         return b"" if self._phase is P_FINISHED else result.leftover
 
     def _on_handshake_complete(self) -> None:
+        self.handshake_ms = self._tcp.loop.now() - self.created_at
         if self._phase is P_HANDSHAKING:  # not if close() came first: that close goes on
             self._set_phase(P_OPEN)
         if log.isEnabledFor(logging.DEBUG):  # version and cipher are two pyOpenSSL calls
@@ -1086,7 +1106,7 @@ class Connection:
             # Best effort: a few bytes, and the queue is usually empty.  If the
             # peer is gone or slow the error we report is still the TLS one.
             with contextlib.suppress(pyuv.error.UVError):
-                self._tcp.try_write(alert)
+                self.bytes_out += self._tcp.try_write(alert)
         self._finish(exc)
 
     def _abort(self, reason: BaseException, cause: BaseException | None = None) -> None:
@@ -1101,6 +1121,9 @@ class Connection:
             return
         self._set_phase(P_FINISHED)
         self._reason = reason
+        on_finish, self._on_finish = self._on_finish, None
+        if on_finish is not None:
+            on_finish(self)
         self._pending.forget(self)
         if self._send_timer is not None:
             self._stop_send_timer()

@@ -10,20 +10,24 @@ certificate files (:mod:`tlsuv.reload`).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import pyuv
 
-from . import _cli, activation, limits, policy, reload, upgrade, workers
+from . import _cli, accesslog, activation, limits, policy, reload, upgrade, workers
 from ._openssl import data_path
 from ._uv import format_address
 from .certs import CertificateError, load_bundle, self_signed
 from .connection import Connection, ConnectionOptions
 from .handler import Handler
 from .server import Server, ServerError
+
+if TYPE_CHECKING:
+    from .metrics import MetricsServer
 
 log = logging.getLogger("tlsuv.echo")
 
@@ -85,6 +89,7 @@ def build_parser() -> _cli.ArgumentParser:
     workers.add_arguments(p)  # --workers, --stats-interval
     _cli.add_proxy_arguments(p)
     activation.add_arguments(p)  # --listen-fd, --pid-file
+    _cli.add_observability_arguments(p)  # --metrics, --access-log
     return p
 
 
@@ -111,6 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CertificateError, policy.PolicyError) as exc:
         _cli.fail(f"{PROG}: error: {exc}")
     context = reloader.context
+    if args.access_log is not None and args.access_log != "-":
+        try:  # here, once, so a bad path is one line and exit 2, not a crash in every worker
+            os.close(os.open(args.access_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, accesslog.FILE_MODE))
+        except OSError as exc:
+            _cli.fail(f"{PROG}: error: --access-log {args.access_log}: {exc.strerror}")
     options = ConnectionOptions(
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout,
@@ -138,7 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def make_server(lp: pyuv.Loop) -> Server:
         server = Server(lp, context, echo_factory, options=options, max_connections=args.max_connections,
                         max_connections_per_ip=args.max_connections_per_ip)
+        reloader.watch(server.stats)  # reload counts and certificate expiry, for --metrics
         reloader.start(lp)  # SIGHUP and --reload-interval, in each worker
+        if args.access_log is not None:
+            server.access_log = accesslog.AccessLog(lp, args.access_log)
         return server
 
     if args.workers > 1:  # forks, so before this process makes any loop (tlsuv.workers)
@@ -146,7 +159,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ready_fd = upgrade.take_ready_fd()  # started by an upgrading tree (auto workers, now one CPU)
     loop = pyuv.Loop()
     server = make_server(loop)
+    endpoint: MetricsServer | None = None
     try:
+        if args.metrics is not None:  # first: its error is then the only line
+            # Imported only when asked for: prometheus_client and what it imports
+            # are thousands of objects every cyclic-GC pass would walk.
+            from . import metrics  # noqa: PLC0415
+
+            endpoint = metrics.MetricsServer(loop, metrics.registry_for(server), lambda: server.accepting)
+            metrics_address = endpoint.listen(*args.metrics)
         if inherited:
             for sock, _ in inherited:
                 server.listen_socket(sock)
@@ -162,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         reloader.close()
         for h in signals:
             h.close()
+        if endpoint is not None:
+            endpoint.close()
+        if server.access_log is not None:
+            server.access_log.close()
 
     def on_signal(handle: pyuv.Signal, signum: int) -> None:
         if signum == signal.SIGUSR2:  # its default action would kill us, and every connection
@@ -179,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         h = pyuv.Signal(loop)
         h.start(on_signal, signum)
         signals.append(h)
+    reopen = pyuv.Signal(loop)  # logrotate's convention
+    reopen.start(lambda h, signum: accesslog.reopen_all(), signal.SIGUSR1)
+    signals.append(reopen)
     # Handlers first, announcement after: whoever reads the announcement may signal at once
     # (SIGUSR2's default action would end the process).
     if args.pid_file is not None:
@@ -188,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cli.fail(f"{PROG}: error: cannot write --pid-file {args.pid_file}: {exc.strerror}")
     for host, port in server.addresses:
         announce(host, port)
+    if endpoint is not None:
+        print(f"tlsuv metrics on http://{format_address(metrics_address)}/metrics", flush=True)
     if ready_fd is not None:
         upgrade.report_ready(ready_fd)
     else:

@@ -10,6 +10,13 @@ dataclass away -- and one flag away on ``python -m tlsuv.echo``
 Design points
 =============
 
+* **A profile first, then single settings.**  Every Context starts from a
+  Server Side TLS profile (:mod:`tlsuv.profiles`; intermediate unless
+  ``profile`` says otherwise): versions, ciphers, TLS 1.3 suites, groups and
+  cipher order.  ``min_version``, ``max_version``, ``ciphers`` and
+  ``ciphersuites`` are applied on top of it, so an explicit setting always
+  wins over the profile's, and ``None`` means "the profile's".
+
 * **Every Context is built completely up front.**  pyOpenSSL refuses to
   change a Context once a Connection was made from it, so SNI cannot load a
   certificate on demand: :func:`build_server_context` builds one Context per
@@ -73,6 +80,7 @@ from typing import Final
 from cryptography import x509
 from OpenSSL import SSL, crypto
 
+from . import profiles
 from .certs import (
     CertificateBundle,
     CertificateError,
@@ -89,8 +97,9 @@ from .errors import TLSUVError
 
 log = logging.getLogger("tlsuv")
 
-# The versions a policy may name.  TLS 1.0 and 1.1 are deprecated (RFC 8996)
-# and new_context() refuses them already.
+# The versions a policy may name.  TLS 1.0 and 1.1 are deprecated (RFC 8996):
+# only the "old" profile offers them, because they also need OpenSSL's
+# security level lowered (tlsuv.profiles).
 VERSIONS: Final[dict[str, int]] = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 
 # SSL_CTX_set_session_id_context: sessions are only resumed by a Context with
@@ -137,7 +146,10 @@ class ServerPolicy:
     client_ca: str | Path | bytes | None = None
     # Refuse clients that send no certificate (needs client_ca).
     require_client_cert: bool = False
-    min_version: str = "1.2"
+    # Server Side TLS profile: "modern", "intermediate" or "old" (tlsuv.profiles).
+    profile: str = profiles.DEFAULT_PROFILE
+    # The four below override the profile's value; None keeps it.
+    min_version: str | None = None
     max_version: str | None = None
     # OpenSSL cipher string for TLS 1.2 ("ECDHE+AESGCM:ECDHE+CHACHA20").
     ciphers: str | None = None
@@ -212,11 +224,26 @@ def _read_ca_file(path: str | Path | bytes, what: str) -> list[x509.Certificate]
         raise CertificateError(f"{what} file holds no valid PEM certificate: {path}") from None
 
 
-def _apply_versions(ctx: SSL.Context, min_version: str | None, max_version: str | None) -> None:
+def get_profile(name: str) -> profiles.Profile:
+    try:
+        return profiles.get(name)
+    except profiles.ProfileError as exc:
+        raise PolicyError(str(exc)) from None
+
+
+def _apply_versions(ctx: SSL.Context, profile: profiles.Profile, min_version: str | None,
+                    max_version: str | None) -> None:
+    """Override the profile's version limits (already on ``ctx``) with the explicit ones."""
     lo = parse_version(min_version, "minimum TLS version")
     hi = parse_version(max_version, "maximum TLS version")
-    if lo is not None and hi is not None and lo > hi:
-        raise PolicyError(f"minimum TLS version {min_version} is above the maximum {max_version}")
+    # The limits in effect, for the check: the explicit value, else the profile's.
+    eff_lo = min_version or profile.min_version
+    eff_hi = max_version or profile.max_version
+    if eff_hi is not None and profiles.PROTOCOL_VERSIONS[eff_lo] > profiles.PROTOCOL_VERSIONS[eff_hi]:
+        def source(explicit: str | None) -> str:
+            return "" if explicit else f" (from the {profile.name} profile)"
+        raise PolicyError(f"minimum TLS version {eff_lo}{source(min_version)} is above the maximum "
+                          f"{eff_hi}{source(max_version)}")
     if lo is not None:
         ctx.set_min_proto_version(lo)
     if hi is not None:
@@ -333,9 +360,11 @@ def _build_contexts(
             where = f"certificate file {bundle.cert_file}" if bundle.cert_file else "its certificate"
             raise CertificateError(f"SNI name {name}: {where} is for {names}, not {name}")
 
+    profile = get_profile(policy.profile)
+
     def make(bundle: CertificateBundle) -> SSL.Context:
-        ctx = new_context()
-        _apply_versions(ctx, policy.min_version, policy.max_version)
+        ctx = new_context(profile.name)
+        _apply_versions(ctx, profile, policy.min_version, policy.max_version)
         _apply_ciphers(ctx, policy.ciphers, policy.ciphersuites)
         ctx.set_session_id(SESSION_ID_CONTEXT)
         if not policy.session_tickets:
@@ -493,7 +522,8 @@ def build_client_context(
     cert: str | Path | None = None,
     key: str | Path | None = None,
     alpn: Sequence[str] | str | None = None,
-    min_version: str = "1.2",
+    profile: str = profiles.DEFAULT_PROFILE,
+    min_version: str | None = None,
     max_version: str | None = None,
     ciphers: str | None = None,
     ciphersuites: str | None = None,
@@ -501,13 +531,17 @@ def build_client_context(
 ) -> SSL.Context:
     """A client Context: verification on (system CA store, or ``cafile``), optional client cert, ALPN.
 
+    ``profile`` sets what the client offers (versions, ciphers, groups), as
+    on the server; ``min_version`` and the others override single settings.
     The host name is checked per connection (:mod:`tlsuv.client`), not here.
     """
     if (cert is None) != (key is None):
         raise PolicyError("a client certificate needs both a certificate and a key file")
+    chosen = get_profile(profile)
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     ctx.set_options(SSL.OP_NO_COMPRESSION)
-    _apply_versions(ctx, min_version, max_version)
+    profiles.apply(ctx, chosen, server=False)
+    _apply_versions(ctx, chosen, min_version, max_version)
     _apply_ciphers(ctx, ciphers, ciphersuites)
     if verify:
         ctx.set_verify(SSL.VERIFY_PEER)
@@ -564,14 +598,22 @@ def add_arguments(parser: argparse.ArgumentParser, *, server: bool = True) -> No
                                  "*.example.com matches one label); others get --cert")
         parser.add_argument("--no-session-tickets", action="store_true",
                             help="no session tickets (TLS 1.2 resumes by session ID instead)")
-    parser.add_argument("--tls-min", choices=list(VERSIONS), default="1.2",
-                        help="lowest TLS version accepted (default 1.2)")
+    parser.add_argument("--tls-profile", choices=list(profiles.PROFILES), default=profiles.DEFAULT_PROFILE,
+                        help="Mozilla Server Side TLS profile: versions, ciphers, groups and cipher "
+                             "order in one (default intermediate: TLS 1.2+ with ECDHE and AES-GCM or "
+                             "ChaCha20; modern: TLS 1.3 only; old: TLS 1.0+ with CBC suites, for "
+                             "legacy clients only).  --tls-min, --tls-max, --ciphers and "
+                             "--ciphersuites win over the profile for their one setting")
+    parser.add_argument("--tls-min", choices=list(VERSIONS), default=None,
+                        help="lowest TLS version accepted (default: the profile's; overrides it)")
     parser.add_argument("--tls-max", choices=list(VERSIONS), default=None,
-                        help="highest TLS version offered (default: the newest)")
+                        help="highest TLS version offered (default: the newest; overrides the profile)")
     parser.add_argument("--ciphers", metavar="LIST",
-                        help="OpenSSL cipher string for TLS 1.2, e.g. ECDHE+AESGCM")
+                        help="OpenSSL cipher string for TLS 1.2, e.g. ECDHE+AESGCM "
+                             "(default: the profile's; overrides it)")
     parser.add_argument("--ciphersuites", metavar="LIST",
-                        help="TLS 1.3 ciphersuites, colon-separated, e.g. TLS_AES_256_GCM_SHA384")
+                        help="TLS 1.3 ciphersuites, colon-separated, e.g. TLS_AES_256_GCM_SHA384 "
+                             "(default: the profile's; overrides it)")
     parser.add_argument("--keylog", metavar="FILE",
                         help="append TLS secrets to FILE (SSLKEYLOGFILE format, for Wireshark)")
 
@@ -594,6 +636,7 @@ def policy_from_args(args: argparse.Namespace, certificate: CertificateBundle | 
         alpn=args.alpn or (),
         client_ca=args.client_ca,
         require_client_cert=args.require_client_cert,
+        profile=args.tls_profile,
         min_version=args.tls_min,
         max_version=args.tls_max,
         ciphers=args.ciphers,

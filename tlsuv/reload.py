@@ -75,7 +75,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, replace
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import pyuv
 from OpenSSL import SSL
@@ -84,6 +84,10 @@ from . import _cli
 from .certs import CertificateBundle, CertificateError, expires_soon, log_certificate, parse_certificates
 from .errors import TLSUVError
 from .policy import ContextSet, PolicyError, ServerPolicy, build_context_set
+from .stats import certificate_expiry
+
+if TYPE_CHECKING:
+    from .stats import Stats
 
 log = logging.getLogger("tlsuv.reload")
 
@@ -216,11 +220,25 @@ class Reloader:
         self.last_reload = time.time()
         self.last_error: str | None = None
         self._handles: list[pyuv.Handle] = []
+        self._watchers: list[Stats] = []
 
     @property
     def context(self) -> SSL.Context:
         """The Context to give the server (the set's front; it never changes)."""
         return self.contexts.front
+
+    def watch(self, stats: Stats) -> None:
+        """Keep ``stats`` (a server's, for tlsuv.metrics) told of reloads and of certificate expiry."""
+        self._watchers.append(stats)
+        self._publish(stats)
+
+    def _publish(self, stats: Stats) -> None:
+        stats.reloads_ok = self.reloads_ok
+        stats.reloads_failed = self.reloads_failed
+        # The metric's promise: the time of the last good *reload* (0 until there is one).
+        stats.last_reload_time = self.last_reload if self.reloads_ok else 0.0
+        policy = self.contexts.policy
+        stats.certificates = certificate_expiry(policy) if policy is not None else {}
 
     # -- reloading -------------------------------------------------------------
 
@@ -237,6 +255,13 @@ class Reloader:
 
     def _attempt(self, snapshot: Snapshot, why: str) -> bool:
         self._digest = snapshot.digest
+        try:
+            return self._swap(snapshot, why)
+        finally:
+            for stats in self._watchers:
+                self._publish(stats)
+
+    def _swap(self, snapshot: Snapshot, why: str) -> bool:
         try:
             self.contexts.reload(self.files.policy(self.settings, snapshot))
         except (CertificateError, PolicyError) as exc:

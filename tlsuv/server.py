@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import pyuv
 from OpenSSL import SSL
@@ -49,6 +49,17 @@ from .limits import (
     open_file_limit,
 )
 from .pending import PendingList
+from .stats import (
+    REFUSED_CLOSING,
+    REFUSED_MAX_CONNECTIONS,
+    REFUSED_NOT_ALLOWED,
+    REFUSED_PER_IP,
+    Snapshot,
+    Stats,
+)
+
+if TYPE_CHECKING:
+    from .accesslog import AccessLog
 
 log = logging.getLogger("tlsuv")
 
@@ -100,6 +111,11 @@ class Server:
         # Shared by every connection: a bound method made per accept would
         # cost each one ~64 bytes for its whole life.
         self._gone = self._connection_gone
+        self._finished = self._connection_finished
+        # Connections that finished (socket closed) but whose close callback has
+        # not run yet: they are still in ``connections`` until the end of this
+        # loop iteration, but no longer count against the limits.
+        self._ending = 0
         # Connections accepted on one listener share their local address;
         # one tuple for all of them instead of one each (~150 bytes).
         self._sockname: tuple[str, int] | None = None
@@ -128,7 +144,6 @@ class Server:
         # Counters for logs and stats.
         self.accepted = 0
         self.refused = 0  # every refusal, the per-client ones included
-        self.refused_per_ip = 0
         self.accept_pauses = 0  # times accepting stopped for want of file descriptors
         self.handshakes_failed = 0
         # Connections ended by a deadline, by TimeoutError.phase: "handshake",
@@ -137,6 +152,13 @@ class Server:
         # Ciphertext bytes of connections that are gone; add the open ones' for a total.
         self.ended_bytes_in = 0
         self.ended_bytes_out = 0
+        # Monitoring (tlsuv.stats, tlsuv.metrics): refusals by reason (they add up
+        # to ``refused``), each ended connection classified once, and an optional
+        # access log (tlsuv.accesslog) that gets every ended connection.
+        self.refused_by: dict[str, int] = dict.fromkeys(
+            (REFUSED_MAX_CONNECTIONS, REFUSED_PER_IP, REFUSED_NOT_ALLOWED, REFUSED_CLOSING), 0)
+        self.stats = Stats()
+        self.access_log: AccessLog | None = None
 
     # -- listening -----------------------------------------------------------
 
@@ -208,6 +230,20 @@ class Server:
         return self._closing
 
     @property
+    def accepting(self) -> bool:
+        """Listening and not closing: what a readiness check asks."""
+        return not self._closing and any(not listener.closed for listener in self._listeners)
+
+    def snapshot(self) -> Snapshot:
+        """Everything counted so far, open connections included (:mod:`tlsuv.stats`)."""
+        refused = dict(self.refused_by)
+        # A PROXY header error ends an accepted connection: it is counted when that ends.
+        refused["proxy_header"] = self.stats.handshake_failures.get("proxy_header", 0)
+        return self.stats.snapshot(accepted=self.accepted, refused=refused,
+                                   ended_bytes_in=self.ended_bytes_in, ended_bytes_out=self.ended_bytes_out,
+                                   live=self.connections, accepting=self.accepting)
+
+    @property
     def address(self) -> tuple[str, int]:
         """The first address listened on."""
         if self._address is None:
@@ -269,9 +305,11 @@ class Server:
             tcp.close()
             return
         if self._closing or (
-            self.max_connections is not None and len(self.connections) >= self.max_connections
+            self.max_connections is not None
+            and len(self.connections) - self._ending >= self.max_connections
         ):
             self.refused += 1
+            self.refused_by[REFUSED_CLOSING if self._closing else REFUSED_MAX_CONNECTIONS] += 1
             log.info("refusing connection: %s", "server closing" if self._closing else
                      f"limit of {self.max_connections} connections reached")
             tcp.close()
@@ -281,6 +319,7 @@ class Server:
         if self.options.proxy is not None and not self.options.proxy.allows(source):
             # Only trusted balancers may claim a client address (tlsuv.proxy).
             self.refused += 1
+            self.refused_by[REFUSED_NOT_ALLOWED] += 1
             log.warning("refusing connection from %s: not allowed to send a PROXY header",
                         format_address(source))
             tcp.close()
@@ -298,10 +337,14 @@ class Server:
             self._configure(tcp)
         per_client = proxied and self._clients is not None  # counted once the header names the client
         conn = Connection(tcp, self.context, self.handler_factory, pending=self.pending,
-                          options=self.options, on_gone=self._gone,
+                          options=self.options, on_gone=self._gone, on_finish=self._finished,
                           on_proxy_header=self._admit_proxied if per_client else None)
         if client is not None:
-            self._client_of[conn] = client
+            if conn.closed:  # its handler factory failed: it finished before we could file it
+                assert self._clients is not None
+                self._clients.release(client)
+            else:
+                self._client_of[conn] = client
         if conn.sockname == self._sockname:
             conn.sockname = self._sockname
         else:
@@ -329,7 +372,7 @@ class Server:
     def _refuse_client(self, client: str) -> None:
         assert self._clients is not None
         self.refused += 1
-        self.refused_per_ip += 1
+        self.refused_by[REFUSED_PER_IP] += 1
         held = self._refusal_log.ready(self.loop.now() / 1000)
         if held is not None:
             more = f" ({held} more refused since the last report)" if held else ""
@@ -416,12 +459,16 @@ class Server:
         except (OSError, pyuv.error.UVError) as exc:  # gone already: its first read will say so
             log.debug("cannot set keepalive/TCP_USER_TIMEOUT: %s", exc)
 
-    def _connection_gone(self, conn: Connection) -> None:
-        self.connections.discard(conn)
+    def _connection_finished(self, conn: Connection) -> None:
+        self._ending += 1
         if self._client_of:
             client = self._client_of.pop(conn, None)
             if client is not None and self._clients is not None:
                 self._clients.release(client)
+
+    def _connection_gone(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self._ending -= 1
         if self._accept_paused_at is not None and not self._closing:
             self._retry_accept_in(0.0)  # its descriptor is free now
         self.ended_bytes_in += conn.bytes_in
@@ -431,6 +478,9 @@ class Server:
         reason = conn.reason
         if isinstance(reason, TimeoutError):
             self.timeouts[reason.phase] = self.timeouts.get(reason.phase, 0) + 1
+        self.stats.connection_ended(conn)
+        if self.access_log is not None:
+            self.access_log.connection_ended(conn)
         if self._closing and not self.connections:
             self._all_closed()
 

@@ -639,7 +639,7 @@ class TLSEngine:
         result = self.pipe.flush(fd)
         if (result if type(result) is int else result[0]) > COMPACT_MIN:
             self.wants_compaction = True
-        return result  # type: ignore[no-any-return]
+        return result  # type: ignore[no-any-return]  # the C module has no type information
 
     def data_to_send(self) -> bytes:
         """Drain and return the ciphertext OpenSSL produced (b"" when none)."""

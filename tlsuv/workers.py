@@ -104,7 +104,12 @@ The traps, and how each is handled
 
 * **Counters outlive workers.**  A worker's last report is folded into the
   parent's totals when it exits, so accepted/failed/bytes in the stats line
-  never go backwards after a restart.
+  never go backwards after a restart.  With ``--metrics`` the report also
+  carries the worker's :class:`~tlsuv.stats.Snapshot`, summed the same way,
+  and the parent serves ``/metrics`` on its selectors loop
+  (:class:`~tlsuv.metrics.SelectorEndpoint`): counts are at most
+  :data:`STATS_PUSH_MAX` old, and those of a worker killed between two
+  reports since its last one are lost with it.
 """
 
 from __future__ import annotations
@@ -126,12 +131,17 @@ from typing import TYPE_CHECKING, Final, NoReturn
 
 import pyuv
 
-from . import _cli, activation, upgrade
+from . import _cli, accesslog, activation, upgrade
 from ._uv import format_address
 from .server import DEFAULT_BACKLOG, Server, ServerError
+from .stats import Snapshot
 
 if TYPE_CHECKING:
     from types import FrameType
+
+    from prometheus_client.metrics_core import Metric
+
+    from .metrics import SelectorEndpoint
 
 log = logging.getLogger("tlsuv.workers")
 
@@ -159,9 +169,11 @@ ABORT_MARGIN: Final = 2.0
 # a second stale whatever the interval; a report is ~150 bytes.
 STATS_PUSH_MAX: Final = 1.0
 
-# Orders and reports are tiny JSON objects; SOCK_SEQPACKET keeps each one a
-# message, so a reader never sees half of one.
-MESSAGE_MAX: Final = 4096
+# Orders and reports are small JSON objects; SOCK_SEQPACKET keeps each one a
+# message, so a reader never sees half of one.  A report with a metrics
+# snapshot (--metrics) is 1-3 KiB, more with many ciphers or ALPN protocols:
+# 64 KiB leaves room, and stays well under the socket's send buffer.
+MESSAGE_MAX: Final = 65536
 
 # The parent wakes at least this often even with nothing scheduled: a cheap
 # safety net should a wake-up ever be lost.
@@ -264,6 +276,7 @@ class _Worker:
     counters: Counters = field(default_factory=Counters)
     status: int | None = None  # exit status once reaped during the drain
     listened: bool = False  # has listened at least once (for the "ready" announcement)
+    snapshot: Snapshot = field(default_factory=Snapshot)  # its last metrics report (--metrics)
 
 
 class Supervisor:
@@ -297,6 +310,7 @@ class Supervisor:
         sockets: Sequence[tuple[socket.socket, str]] = (),
         pid_file: str | None = None,
         upgrade_timeout: float = upgrade.READY_TIMEOUT,
+        metrics: tuple[str, int] | None = None,
     ) -> None:
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers must be 1-{MAX_WORKERS}")
@@ -322,6 +336,13 @@ class Supervisor:
         self._retired = Counters()
         self._next_stats: float | None = None
         self._on_ready: Callable[[], None] | None = None
+        # --metrics: one endpoint in the parent for the whole server; the
+        # workers' snapshots summed, the dead ones' kept (like _retired).
+        self.metrics = metrics
+        self.metrics_address: tuple[str, int] | None = None
+        self._endpoint: SelectorEndpoint | None = None
+        self._retired_snapshot = Snapshot()
+        self._restarts = 0
         # Listening sockets (module docstring): inherited ones every worker
         # serves, and each worker's own SO_REUSEPORT ones.
         self._inherited = list(sockets)
@@ -349,6 +370,8 @@ class Supervisor:
         if self._inherited:
             self._adopt_inherited()
             self._remember_addresses()
+            if self.metrics is not None:
+                self._bind_metrics(*self.metrics)
             assert self.address is not None
             return self.address
         try:
@@ -360,12 +383,50 @@ class Supervisor:
         try:
             for w in self.workers:
                 self._own[w.number] = [self._open_socket()]
+            if self.metrics is not None:
+                self._bind_metrics(*self.metrics)
         except ServerError:
             self._close_sockets()
             raise
         self._remember_addresses()
         assert self.address is not None
         return self.address
+
+    # -- --metrics ---------------------------------------------------------------
+
+    def _bind_metrics(self, host: str, port: int) -> None:
+        from prometheus_client import CollectorRegistry  # noqa: PLC0415 - only with --metrics
+
+        from .metrics import SelectorEndpoint, ServerCollector  # noqa: PLC0415 - only with --metrics
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(ServerCollector(self.snapshot, extra=self._worker_families))
+        endpoint = SelectorEndpoint(registry, self.ready)
+        self.metrics_address = endpoint.bind(host, port)
+        self._endpoint = endpoint
+
+    def snapshot(self) -> Snapshot:
+        """The whole server's counts: every worker's last report, and those of workers gone."""
+        total = self._retired_snapshot
+        for w in self.workers:
+            total = total + w.snapshot
+        return total
+
+    def ready(self) -> bool:
+        """Serving and not draining: what ``/-/ready`` reports."""
+        return not self._draining and any(w.pid and w.listened for w in self.workers)
+
+    def _worker_families(self) -> list[Metric]:
+        # Only with --metrics, like the rest of prometheus_client.
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily  # noqa: PLC0415
+
+        return [
+            GaugeMetricFamily("tlsuv_workers", "Worker processes configured.", value=len(self.workers)),
+            GaugeMetricFamily("tlsuv_workers_running", "Worker processes running now.",
+                              value=sum(1 for w in self.workers if w.pid)),
+            CounterMetricFamily("tlsuv_worker_restarts", "Workers restarted after dying.",
+                                value=self._restarts),
+        ]
 
     def _adopt_inherited(self) -> None:
         mine = [s for s, name in self._inherited if name == REUSEPORT_NAME]
@@ -434,6 +495,8 @@ class Supervisor:
         log.info("starting %d workers on %s", len(self.workers),
                  ", ".join(format_address(a) for a in self.addresses))
         self._selector = selectors.DefaultSelector()
+        if self._endpoint is not None:
+            self._endpoint.attach(self._selector)
         if self._ready_fd is not None:
             # A pipe's write end turns readable (an error) when the reader closes it.
             self._selector.register(self._ready_fd, selectors.EVENT_READ, _PREDECESSOR)
@@ -450,6 +513,8 @@ class Supervisor:
                 self._close_channel(w)
             if self._successor is not None:
                 self._successor.close()
+            if self._endpoint is not None:
+                self._endpoint.close()
             self._selector.close()
             self._close_sockets()
             if self._ready_fd is not None:
@@ -464,7 +529,8 @@ class Supervisor:
         self._wakeup = (r, w)
         assert self._selector is not None
         self._selector.register(r, selectors.EVENT_READ, None)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR2, signal.SIGHUP):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR2, signal.SIGHUP,
+                       signal.SIGUSR1):
             self._saved_handlers[signum] = signal.signal(signum, self._on_signal)
         # The handlers only record; the wake-up fd makes select() return.
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
@@ -507,15 +573,19 @@ class Supervisor:
                 log.info("%s", self._totals().line(len(self.workers)))
                 assert self.stats_interval is not None
                 self._next_stats = max(self._next_stats + self.stats_interval, now)
-            for key, _ in self._selector.select(self._timeout()):
+            for key, mask in self._selector.select(self._timeout()):
                 if key.data is None:
                     _drain_fd(key.fd)
+                elif key.data is self._endpoint:
+                    self._endpoint.handle(key, mask)
                 elif key.data is _SUCCESSOR:
                     self._watch_successor()
                 elif key.data is _PREDECESSOR:
                     self._predecessor_gone()
                 else:
                     self._read_messages(key.data)
+            if self._endpoint is not None:
+                self._endpoint.expire(time.monotonic())
         # None: the worker was down (waiting for its restart) when the drain began.
         failed = [w for w in self.workers if w.status not in (None, 0)]
         if self.stats_interval is not None:
@@ -546,6 +616,10 @@ class Supervisor:
                 continue
             if signum == signal.SIGUSR2:
                 self._start_upgrade()
+                continue
+            if signum == signal.SIGUSR1:  # logrotate's "reopen your logs": the workers hold them
+                for w in self.workers:
+                    self._send(w, {"order": "reopen"})
                 continue
             # A drain that an upgrade started is not a signal: the first stop
             # signal after it keeps draining, only a second one aborts.
@@ -612,6 +686,8 @@ class Supervisor:
             self._retired = self._retired + Counters(**{
                 **w.counters.to_message(), "open": 0})
             w.counters = Counters()
+            self._retired_snapshot = self._retired_snapshot + w.snapshot.retired()
+            w.snapshot = Snapshot()
             self._close_channel(w)
             w.pid = 0
             code = os.waitstatus_to_exitcode(status)
@@ -628,6 +704,7 @@ class Supervisor:
             if lived >= STABLE_AFTER:
                 w.quick_deaths = 0
             delay = self._schedule_restart(w)
+            self._restarts += 1
             log.warning("worker %d (pid %d) %s after %.1fs; restarting in %.1fs",
                         w.number, pid, how, lived, delay)
             if delay > SOCKET_KEEP_MAX and self._own.get(w.number):
@@ -826,6 +903,9 @@ class Supervisor:
                     self._serving()
                     on_ready()
             w.counters = Counters.from_message(message)
+            snapshot = message.get("snapshot")
+            if isinstance(snapshot, dict):
+                w.snapshot = Snapshot.from_message(snapshot)
 
     def _close_channel(self, w: _Worker) -> None:
         if w.channel is None:
@@ -867,6 +947,7 @@ class Supervisor:
         ours.setblocking(False)
         w.pid, w.channel, w.started, w.restart_at = pid, ours, time.monotonic(), None
         w.counters = Counters()
+        w.snapshot = Snapshot()
         self._selector.register(ours, selectors.EVENT_READ, w)
         log.debug("worker %d forked (pid %d)", w.number, pid)
 
@@ -880,6 +961,7 @@ class Supervisor:
             # Forwarded by the parent; a worker whose server has no reload handle ignores it.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # upgrades are the parent's too
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the loop's own handler (_Child.run)
             for signum in (signal.SIGTERM, signal.SIGCHLD):
                 signal.signal(signum, signal.SIG_DFL)
             if self._wakeup is not None:
@@ -896,6 +978,8 @@ class Supervisor:
                 os.close(self._ready_fd)
             if self._successor is not None:
                 self._successor.close()
+            if self._endpoint is not None:
+                self._endpoint.close_after_fork()
             if self._selector is not None:
                 self._selector.close()
             global _worker_number  # noqa: PLW0603 -- set once, right after the fork
@@ -936,21 +1020,28 @@ class _Child:
         poll.start(pyuv.UV_READABLE, self._on_channel)
         term = pyuv.Signal(loop)
         term.start(self._on_sigterm, signal.SIGTERM)
-        self.handles = [poll, term]
-        if self.sup.stats_interval is not None:
-            period = min(self.sup.stats_interval, STATS_PUSH_MAX)
+        reopen = pyuv.Signal(loop)  # SIGUSR1 sent to the worker itself (systemctl kill -s USR1)
+        reopen.start(lambda h, signum: accesslog.reopen_all(), signal.SIGUSR1)
+        self.handles = [poll, term, reopen]
+        if self.sup.stats_interval is not None or self.sup.metrics is not None:
+            period = min(self.sup.stats_interval or STATS_PUSH_MAX, STATS_PUSH_MAX)
             timer = pyuv.Timer(loop)
             timer.start(lambda t: self._report(), period, period)
             self.handles.append(timer)
         self._report("listening")
         loop.run()
+        if server.access_log is not None:
+            server.access_log.close()
+            loop.run()  # the access log's handle closes
         self._report("exiting")
         self.channel.close()
         return 0
 
     def _report(self, event: str = "stats") -> None:
         assert self.server is not None
-        message = {"event": event, **Counters.of(self.server).to_message()}
+        message: dict[str, object] = {"event": event, **Counters.of(self.server).to_message()}
+        if self.sup.metrics is not None:
+            message["snapshot"] = self.server.snapshot().to_message()
         # Never block the loop on the parent: a report is a snapshot and the
         # next one replaces it, so a full buffer just drops this one.
         with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionError):
@@ -977,6 +1068,8 @@ class _Child:
                 self._drain()
             elif order == "abort":
                 self._abort()
+            elif order == "reopen":
+                accesslog.reopen_all()
 
     def _on_sigterm(self, handle: pyuv.Signal, signum: int) -> None:
         self._drain()  # idempotent: the parent's order may come too
@@ -1052,6 +1145,7 @@ def run(
     sockets: Sequence[tuple[socket.socket, str]] | None = None,
     pid_file: str | None = None,
     upgrade_timeout: float = upgrade.READY_TIMEOUT,
+    metrics: tuple[str, int] | None = None,
 ) -> int:
     """Serve with ``workers`` processes until SIGTERM/SIGINT; return the exit status.
 
@@ -1065,12 +1159,14 @@ def run(
     systemd, or by the previous tree during an upgrade) when there are any,
     else binds ``host``/``port``; pass a list to choose.  SIGUSR2 upgrades
     (:mod:`tlsuv.upgrade`) by running this program's command line again.
+    ``metrics=(host, port)`` serves the whole server's metrics from the
+    parent (:mod:`tlsuv.metrics`).
     """
     if sockets is None:
         sockets = activation.inherited_sockets()
     sup = Supervisor(setup, host=host, port=port, workers=workers, grace=grace,
                      stats_interval=stats_interval, sockets=sockets, pid_file=pid_file,
-                     upgrade_timeout=upgrade_timeout)
+                     upgrade_timeout=upgrade_timeout, metrics=metrics)
     sup.bind()
 
     def listening() -> None:
@@ -1128,7 +1224,7 @@ def run_cli(
     """
     sup = Supervisor(setup, host=args.host, port=args.port, workers=args.workers, grace=args.grace,
                      stats_interval=args.stats_interval, sockets=sockets,
-                     pid_file=getattr(args, "pid_file", None))
+                     pid_file=getattr(args, "pid_file", None), metrics=getattr(args, "metrics", None))
     try:
         sup.bind()
     except ServerError as exc:
@@ -1137,6 +1233,8 @@ def run_cli(
     def listening() -> None:
         for host, port in sup.addresses:
             announce(host, port)
+        if sup.metrics_address is not None:
+            print(f"tlsuv metrics on http://{format_address(sup.metrics_address)}/metrics", flush=True)
 
     return sup.run(listening)
 

@@ -61,6 +61,9 @@ def main() -> int:
                         "--small and --large count MB instead of messages")
     p.add_argument("--small", type=int, default=2000)
     p.add_argument("--large", type=int, default=12000)
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for the server (repeatable), e.g. --server-arg=--metrics "
+                        "--server-arg=127.0.0.1:0 to count the server with its metrics on")
     p.add_argument("--keep", type=Path,
                    help="copy both dumps to KEEP.small and KEEP.large (for callgrind_annotate)")
     args = p.parse_args()
@@ -73,7 +76,7 @@ def main() -> int:
         env = {k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"} | servers.STEADY_MALLOC
         env |= dict(spec.env)
         argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-                *spec.argv(port, cert, key)]
+                *spec.argv(port, cert, key), *args.server_arg]
         log = open(d / "server.log", "wb")  # noqa: SIM115 - closed below, after the process
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:

@@ -16,7 +16,9 @@ does not verify (:class:`~tlsuv.CertificateVerifyError`), any TLS error.
 Security defaults: the server certificate is verified against the system CA
 store (or ``cafile``) and must name the host (OpenSSL's own RFC 6125 check,
 IP addresses included); SNI is sent for host names, never for IP literals
-(RFC 6066 section 3).  ``verify=False`` turns both checks off.
+(RFC 6066 section 3).  ``verify=False`` turns both checks off.  What the
+client offers follows the same Server Side TLS profile as the server,
+intermediate unless ``profile`` names another (:mod:`tlsuv.profiles`).
 
 Where the pending list lives
 ============================
@@ -63,6 +65,7 @@ from ..connection import Connection, ConnectionOptions, Phase
 from ..errors import TimeoutError, TransportError
 from ..pending import PendingList
 from ..policy import build_client_context
+from ..profiles import DEFAULT_PROFILE
 from ..tls import State
 
 if TYPE_CHECKING:
@@ -248,7 +251,8 @@ class Client:
         cert: str | Path | None = None,
         key: str | Path | None = None,
         alpn: Sequence[str] | str | None = None,
-        min_version: str = "1.2",
+        profile: str | None = None,
+        min_version: str | None = None,
         max_version: str | None = None,
         ciphers: str | None = None,
         ciphersuites: str | None = None,
@@ -259,14 +263,16 @@ class Client:
     ) -> None:
         if connect_timeout is not None and connect_timeout <= 0:
             raise ValueError("connect_timeout must be positive or None")
-        builds_context = (not verify or min_version != "1.2" or any(
-            v is not None for v in (cafile, cert, key, alpn, keylog, ciphers, ciphersuites, max_version)))
+        builds_context = not verify or any(v is not None for v in (
+            cafile, cert, key, alpn, keylog, profile, min_version, max_version, ciphers, ciphersuites))
         if context is not None and builds_context:
             raise ValueError("pass either a ready context or the options to build one, not both")
         if context is None:
+            # The same Server Side TLS profile as the server's default (tlsuv.profiles).
             context = build_client_context(
-                cafile=cafile, verify=verify, cert=cert, key=key, alpn=alpn, min_version=min_version,
-                max_version=max_version, ciphers=ciphers, ciphersuites=ciphersuites, keylog=keylog)
+                cafile=cafile, verify=verify, cert=cert, key=key, alpn=alpn,
+                profile=profile or DEFAULT_PROFILE, min_version=min_version, max_version=max_version,
+                ciphers=ciphers, ciphersuites=ciphersuites, keylog=keylog)
         if not _openssl.HAVE_HOST_CHECK and context.get_verify_mode() & SSL.VERIFY_PEER:
             # Verifying the chain but not the name would accept any valid
             # certificate for any site: refuse rather than pretend.
@@ -358,7 +364,8 @@ def connect(
     cert: str | Path | None = None,
     key: str | Path | None = None,
     alpn: Sequence[str] | str | None = None,
-    min_version: str = "1.2",
+    profile: str | None = None,
+    min_version: str | None = None,
     max_version: str | None = None,
     keylog: str | Path | None = None,
     options: ConnectionOptions | None = None,
@@ -366,7 +373,7 @@ def connect(
 ) -> Connection:
     """Connect to ``host:port`` over TLS; see the module docstring.  A one-off :class:`Client`."""
     client = Client(loop, context, cafile=cafile, verify=verify, cert=cert, key=key, alpn=alpn,
-                    min_version=min_version, max_version=max_version, keylog=keylog,
+                    profile=profile, min_version=min_version, max_version=max_version, keylog=keylog,
                     options=options, connect_timeout=connect_timeout, resume_sessions=False)
     return client.connect(host, port, handler_factory, server_hostname=server_hostname)
 
