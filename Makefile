@@ -103,12 +103,18 @@ memcheck: $(STAMP)
 ASAN_CFLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 # The ASan build replaces the in-place extension for the run and is put back after it: the
 # editable install's import hook finds tlsuv in the source tree whatever PYTHONPATH says.
+# Left out: the tests whose third-party programs fail under the preloaded ASan runtime that
+# every child process inherits -- gnutls-cli and systemd-socket-activate -- on either data
+# path, with the extension not even loaded (TLSUV_NO_EXTENSIONS=1 fails them the same way);
+# and testssl, whose hundreds of openssl runs, each with the runtime preloaded, time out.
+ASAN_DESELECT := not gnutls and not systemd_socket_activate and not documented_service and not testssl
 asan: $(STAMP)
 	so=$$(ls tlsuv/_speedups*.so) && cp "$$so" "$$so.keep" && \
 	$(CC) -shared -fPIC -Wall -Wextra $(ASAN_CFLAGS) \
 		-I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" tlsuv/_speedups.c -o "$$so" && \
 	{ LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 PYTHONMALLOC=malloc \
-		TLSUV_REQUIRE_SPEEDUPS=1 $(PY) -m pytest -p no:cacheprovider -m "not slow and not known_bug" $(PYTEST_ARGS); \
+		TLSUV_REQUIRE_SPEEDUPS=1 $(PY) -m pytest -p no:cacheprovider -m "not slow and not known_bug" \
+		-k "$(ASAN_DESELECT)" $(PYTEST_ARGS); \
 	  rc=$$?; mv "$$so.keep" "$$so"; exit $$rc; }
 
 hypothesis-long: $(STAMP)
