@@ -107,6 +107,19 @@ def start_echo(*args: str, env: dict[str, str] | None = None) -> tuple[subproces
     raise AssertionError(f"echo server did not start: {lines!r} {proc.stderr.read() if proc.stderr else ''}")
 
 
+def stop_cleanly(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM, as an init system would: the server must drain and exit 0."""
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+
+
+def reap(proc: subprocess.Popen[str]) -> None:
+    """Whatever happened in the test, leave no server behind."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly_with_exit_0(certs: Certs, signum: int) -> None:
     proc, port, _ = start_echo("--cert", str(certs.cert_file), "--key", str(certs.key_file),
@@ -125,9 +138,7 @@ def test_signal_stops_cleanly_with_exit_0(certs: Certs, signum: int) -> None:
         assert proc.stderr is not None
         assert "Traceback" not in proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 def keepalive_timer(port: int) -> tuple[int, int]:
@@ -157,12 +168,9 @@ def test_keepalive_flag_reaches_the_sockets(certs: Certs, args: list[str], secon
         with certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
             assert recv_exactly(s, 4) == b"OK\r\n"
             kind, when = keepalive_timer(port)
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        stop_cleanly(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     if seconds is None:
         assert kind == 0, "keepalive is on although --keepalive off"
     else:
@@ -184,12 +192,9 @@ def test_self_signed_certificate_and_fingerprint() -> None:
             der = s.getpeercert(binary_form=True)
             assert der is not None
             assert recv_exactly(s, 4) == GREETING
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        stop_cleanly(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     cert = x509.load_der_x509_certificate(der)
     printed = re.search(r"fingerprint ([0-9A-F:]{95})", "".join(lines))
     assert printed, lines
@@ -243,9 +248,7 @@ def test_log_levels(certs: Certs) -> None:
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     info = [line for line in err.splitlines() if " INFO " in line]
     debug = [line for line in err.splitlines() if " DEBUG " in line]
     # One INFO line for the failed handshake, with the peer and OpenSSL's reason.
@@ -273,9 +276,7 @@ def test_either_data_path_echoes_and_says_which_at_debug(certs: Certs, no_extens
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
     built = importlib.util.find_spec("tlsuv._speedups") is not None
     if no_extensions:
         expected = "data path: pure Python (TLSUV_NO_EXTENSIONS is set)"
