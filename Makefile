@@ -13,7 +13,7 @@ DIST ?= dist
 # Where each test run says which interpreter it used (CI runs several).
 SAY_PYTHON = @$(PY) -c 'import sys; print(f"== {sys.argv[1]} on {sys.executable}, Python {sys.version.split()[0]}")'
 
-.PHONY: all setup run test test-pure test-core lint soak known-bugs bench dist clean memcheck asan hypothesis-long
+.PHONY: all setup run test test-pure test-core lint soak bench dist clean memcheck asan hypothesis-long
 
 all: test
 
@@ -37,12 +37,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(SAY_PYTHON) "make test"
-	$(PY) -m pytest -m "not slow and not known_bug" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The whole suite on the pure-Python data path (CI runs both).
 test-pure: $(STAMP)
 	$(SAY_PYTHON) "make test-pure"
-	TLSUV_NO_EXTENSIONS=1 $(PY) -m pytest -m "not slow and not known_bug" $(PYTEST_ARGS)
+	TLSUV_NO_EXTENSIONS=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # What CI runs on every supported interpreter besides the default: the I/O-free core and
 # the packaging round trip (make dist, an offline install, one TLS echo over loopback
@@ -50,7 +50,7 @@ test-pure: $(STAMP)
 CORE_TESTS := tests/test_tls_core.py tests/test_proxy.py tests/test_packaging.py
 test-core: $(STAMP)
 	$(SAY_PYTHON) "make test-core"
-	$(PY) -m pytest -m "not slow and not known_bug" $(CORE_TESTS) $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(CORE_TESTS) $(PYTEST_ARGS)
 
 # Everything `pip install --no-index --find-links dist tlsuv` needs, for this venv's
 # Python: tlsuv's sdist and wheel (the wheel built from the sdist, which checks the sdist
@@ -66,11 +66,6 @@ dist: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tlsuv tests scripts
 	$(VENV)/bin/mypy
-
-# Tests of open bugs that fail intermittently (see each test's known_bug comment): kept
-# runnable, out of `make test` until fixed.
-known-bugs: $(STAMP)
-	$(PY) -m pytest -m known_bug $(PYTEST_ARGS)
 
 soak: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
@@ -101,7 +96,8 @@ memcheck: $(STAMP)
 		$(PY) scripts/memcheck.py $(MEMCHECK_TESTS) -q --timeout 0 $(PYTEST_ARGS)
 
 ASAN_CFLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
-# The ASan build replaces the in-place extension for the run and is put back after it: the
+# The ASan build replaces the in-place extension for the run and is put back after it, even
+# when the run is interrupted (the EXIT trap; INT/TERM exit through it): the
 # editable install's import hook finds tlsuv in the source tree whatever PYTHONPATH says.
 # Left out: the tests whose third-party programs fail under the preloaded ASan runtime that
 # every child process inherits -- gnutls-cli and systemd-socket-activate -- on either data
@@ -110,12 +106,12 @@ ASAN_CFLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-
 ASAN_DESELECT := not gnutls and not systemd_socket_activate and not documented_service and not testssl
 asan: $(STAMP)
 	so=$$(ls tlsuv/_speedups*.so) && cp "$$so" "$$so.keep" && \
+	trap 'mv "$$so.keep" "$$so"' EXIT && trap 'exit 130' INT TERM && \
 	$(CC) -shared -fPIC -Wall -Wextra $(ASAN_CFLAGS) \
 		-I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" tlsuv/_speedups.c -o "$$so" && \
-	{ LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 PYTHONMALLOC=malloc \
-		TLSUV_REQUIRE_SPEEDUPS=1 $(PY) -m pytest -p no:cacheprovider -m "not slow and not known_bug" \
-		-k "$(ASAN_DESELECT)" $(PYTEST_ARGS); \
-	  rc=$$?; mv "$$so.keep" "$$so"; exit $$rc; }
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 PYTHONMALLOC=malloc \
+		TLSUV_REQUIRE_SPEEDUPS=1 $(PY) -m pytest -p no:cacheprovider -m "not slow" \
+		-k "$(ASAN_DESELECT)" $(PYTEST_ARGS)
 
 hypothesis-long: $(STAMP)
 	TLSUV_REQUIRE_SPEEDUPS=1 TLSUV_HYPOTHESIS_EXAMPLES=2000 \

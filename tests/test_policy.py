@@ -480,14 +480,15 @@ def test_client_renegotiation_allowed_by_option(certs: Certs) -> None:
         assert closed_reason(st) is None
 
 
-# KNOWN BUG (open): about one full run in three, under load, s_client's "four" is never echoed
-# after a server-initiated TLS 1.2 renegotiation that the server saw complete.  The cause is not
-# found yet (tlsuv's other renegotiation tests, with Python's ssl and in memory, pass).  Kept
-# runnable with `make known-bugs`; out of `make test` until it is fixed.
-@pytest.mark.known_bug
+# s_client needs -nbio here.  With its default blocking socket, OpenSSL finishes a
+# renegotiation inside SSL_read and then (SSL_MODE_AUTO_RETRY) goes on blocking in read(2)
+# for application data, so the next line on its stdin stays unread until the server sends
+# something.  Depending on how s_client's select loop interleaves "three" with the
+# handshake, that deadlocked about one run in three under load: tlsuv had flushed every byte
+# (its send queue empty, every byte acknowledged) while s_client sat in read(2).
 def test_server_initiated_renegotiation_with_s_client(certs: Certs) -> None:
     with serve(ServerPolicy(certificate=default_bundle(certs), max_version="1.2")) as st, \
-            s_client(st, certs) as p:
+            s_client(st, certs, "-nbio") as p:
         p.read_until(GREETING)
         conn = st.connections[-1]
         assert st.call(conn.renegotiate)
