@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 from OpenSSL import SSL
 
-from tlsuv.tls import TLSEngine
+from tlsuv.tls import State, TLSEngine
 
 ChunkSizes = Callable[[], int]
 
@@ -87,12 +87,21 @@ def drain(engine: TLSEngine) -> bytes:
     return result[1]
 
 
+def check_fast(engine: TLSEngine) -> None:
+    """``fast`` is the Pipe exactly while calling it is all receive()/write() would do."""
+    pipe = engine.pipe
+    want = pipe if pipe is not None and engine.state is State.ESTABLISHED and not engine.deferred else None
+    assert engine.fast is want, (engine.state, engine.deferred, pipe, engine.fast)
+
+
 def pump(engine: TLSEngine, peer: PlainPeer, sizes: ChunkSizes = whole, rounds: int = 50,
          on_plain: Callable[[bytes], None] | None = None) -> None:
     """Move ciphertext both ways until neither side has anything to say."""
     for _ in range(rounds):
         moved = False
+        check_fast(engine)
         engine.retry_deferred()
+        check_fast(engine)
         out = drain(engine)
         for piece in chunks(out, sizes):
             peer.incoming(piece)
@@ -102,6 +111,7 @@ def pump(engine: TLSEngine, peer: PlainPeer, sizes: ChunkSizes = whole, rounds: 
             for plain in engine.receive(piece):
                 if on_plain is not None:
                     on_plain(plain)
+            check_fast(engine)
             moved = True
         if not moved and not engine.deferred:
             return

@@ -464,3 +464,32 @@ def test_transition_guard_refuses_illegal_moves(certs: Certs) -> None:
     with pytest.raises(TLSError, match="cannot send close_notify before the handshake completed"):
         engine.shutdown()
 
+
+
+def test_fast_follows_state_bios_and_deferred_writes(certs: Certs, io_path: str) -> None:
+    """The owner's shortcut (TLSEngine.fast) is there exactly while the compiled call is the whole job."""
+    compiled = io_path == "compiled"
+    engine, peer = make_pair(certs, "TLSv1.2")
+    assert engine.fast is None, "not while handshaking"
+    pump(engine, peer)
+    assert (engine.fast is engine.pipe is not None) == compiled
+    # A write that must wait for the peer's flight turns it off until the write is out.
+    engine, peer = renegotiation_in_flight(certs)
+    assert (engine.fast is not None) == compiled
+    engine.write(b"deferred")
+    assert engine.deferred and engine.fast is None
+    for _ in range(5):
+        pump(engine, peer)
+        peer.incoming(b"")
+    assert not engine.deferred and bytes(peer.received) == b"deferred"
+    assert (engine.fast is not None) == compiled
+    # Compacted: no BIOs, no Pipe, no shortcut -- and all three back on the next use.
+    engine.wants_compaction = True
+    assert engine.compact() == (io_path != "public")
+    assert engine.fast is None
+    engine.write(b"after compaction")
+    assert (engine.fast is not None) == compiled
+    pump(engine, peer)
+    # Closing ends it for good.
+    engine.shutdown()
+    assert engine.state is State.SHUTDOWN_SENT and engine.fast is None

@@ -571,8 +571,16 @@ class Connection:
         if type(data) is not bytes:
             data = bytes(data)  # the caller may reuse its buffer once we return
         tls = self._tls
+        pipe = tls.fast
         try:
-            tls.write(data)
+            if pipe is not None and data:
+                # TLSEngine.write's compiled case without the engine's frame:
+                # ``fast`` is set only while this one call is all write() does.
+                n = pipe.write(data)
+                if n != len(data):
+                    tls.settle_write(data, n)
+            else:
+                tls.write(data)
         except TLSUVError as exc:
             self._fail(exc)
             return
@@ -710,16 +718,29 @@ class Connection:
     def _process(self, data: bytes) -> None:
         """Feed ciphertext to TLS (``b""``: just drain) and deliver the plaintext that comes out."""
         tls = self._tls
-        was_handshaking = tls.state is HANDSHAKING
-        try:
-            chunks = tls.receive(data)
-        except TLSUVError as exc:
-            self._fail(exc)
-            return
-        if was_handshaking and tls.state is not HANDSHAKING:
-            self._on_handshake_complete()
-            if self._phase is P_FINISHED:
+        pipe = tls.fast
+        if pipe is not None:
+            # TLSEngine.receive's compiled case without the engine's frame
+            # (TLSEngine.fast): the engine settles anything but plain success.
+            chunks: list[bytes] = []
+            status = pipe.receive(data, chunks)
+            if status != 1 or len(data) > COMPACT_MIN:
+                try:
+                    tls.settle_receive(len(data), status)
+                except TLSUVError as exc:
+                    self._fail(exc)
+                    return
+        else:
+            was_handshaking = tls.state is HANDSHAKING
+            try:
+                chunks = tls.receive(data)
+            except TLSUVError as exc:
+                self._fail(exc)
                 return
+            if was_handshaking and tls.state is not HANDSHAKING:
+                self._on_handshake_complete()
+                if self._phase is P_FINISHED:
+                    return
         handler = self._handler
         for chunk in chunks:
             if self._reading_paused:

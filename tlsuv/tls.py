@@ -222,7 +222,17 @@ class TLSEngine:
     (:meth:`compact` would give memory back), ``detached`` (it did, and the
     BIOs come back on the next use), ``handshake_completed`` (sticky),
     ``pipe`` (the compiled data path, tlsuv._speedups, or None: then
-    :meth:`output_to` is how the owner flushes).
+    :meth:`output_to` is how the owner flushes) and ``fast``.
+
+    ``fast`` is the same Pipe while calling it directly *is* what
+    :meth:`receive` and :meth:`write` would do -- established, BIOs attached,
+    nothing deferred -- and None otherwise.  It lets the owner's per-message
+    code skip the engine's frames (a Python call and its state checks cost
+    more than the compiled call they wrap); the engine keeps it current at
+    every change of state, BIOs or deferred writes (:meth:`_refresh_fast`), so
+    the owner never decides when the shortcut is safe.  The owner still hands
+    any result but success back to the engine: :meth:`read_failed` and
+    :meth:`write_failed`.
     """
 
     # Public attributes are read-only for everyone but the engine: one surface
@@ -234,6 +244,7 @@ class TLSEngine:
         "deferred",
         "deferred_bytes",
         "detached",
+        "fast",
         "handshake_completed",
         "pipe",
         "read_after_shutdown",
@@ -282,6 +293,7 @@ class TLSEngine:
         # The compiled data path over the same SSL* and BIOs (a tlsuv._speedups
         # Pipe), or None: receive, write and output_to use it when it is there.
         self.pipe: Any = _o.new_pipe(self.ssl, handles) if handles is not None else None
+        self.fast: Any = None  # the pipe, once established (see the class docstring)
         _o.release_idle_buffers(self.ssl)
         _o.whole_writes(self.ssl)
         # compact() would give memory back: a BIO held more than COMPACT_MIN,
@@ -300,6 +312,16 @@ class TLSEngine:
         if new not in _TRANSITIONS[self.state]:
             raise InvalidTransition(f"TLS engine cannot go from {self.state.value} to {new.value}")
         self.state = new
+        self._refresh_fast()
+
+    def _refresh_fast(self) -> None:
+        """Publish the Pipe as :attr:`fast` exactly while the direct call is the whole job.
+
+        Called after every change to what decides it: the state, the BIOs
+        (compact, _attach) and the deferred list (made, dropped, cleared).
+        """
+        pipe = self.pipe  # None while detached: compact() closes it first
+        self.fast = pipe if pipe is not None and self.state is ESTABLISHED and not self.deferred else None
 
     @property
     def can_write(self) -> bool:
@@ -330,13 +352,12 @@ class TLSEngine:
         pipe = self.pipe
         if pipe is not None:
             # Compiled: the steps below and _read_records' loop in one call;
-            # anything but WANT_READ comes back here to be mapped.
-            if len(data) > COMPACT_MIN:
-                self.wants_compaction = True
+            # anything but WANT_READ comes back here to be mapped.  (Owners
+            # on the hot path make the same two calls themselves, via fast.)
             chunks: list[bytes] = []
             status = pipe.receive(data, chunks)
-            if status != 1:
-                self._read_failed(ptr, status, ESTABLISHED)
+            if status != 1 or len(data) > COMPACT_MIN:
+                self.settle_receive(len(data), status)
             return chunks
         # The common case, kept to a few steps: one record in, its plaintext
         # out.  No exception: after a successful read nothing more can come
@@ -357,6 +378,20 @@ class TLSEngine:
         if 0 < n < RECV_SIZE and not _BIO_get_mem_data(rbio, _NULL):
             return [_unpack(buf, n)]
         return self._read_records(ptr, rbio, buf, n, ESTABLISHED)
+
+    def settle_receive(self, size: int, status: int) -> None:
+        """Settle a ``fast.receive(data, chunks)`` the owner made itself: ``size`` bytes fed, its result.
+
+        Needed only when the result was not 1 (OpenSSL's error is mapped here,
+        exactly as :meth:`receive` maps it: a raise, or the peer's
+        close_notify) or more than COMPACT_MIN bytes went in (the BIO grew).
+        The plaintext the call appended is the caller's either way, unless
+        this raises.
+        """
+        if size > COMPACT_MIN:
+            self.wants_compaction = True
+        if status != 1:
+            self._read_failed(self._ptr, status, ESTABLISHED)
 
     def _receive_other(self, data: bytes) -> list[bytes]:
         """:meth:`receive` in every other case: another state, BIOs compacted, the public path."""
@@ -512,12 +547,8 @@ class TLSEngine:
             pipe = self.pipe
             # cffi: bytes to void*, no copy; or the compiled path, the same call.
             n = _SSL_write(ptr, data, size) if pipe is None else pipe.write(data)
-            if n == size:
-                return
-            if n > 0:  # pragma: no cover - only if whole_writes() could not clear partial writes
-                self._send_view(memoryview(data)[n:])
-            else:
-                self._send_view(memoryview(data), failed=n)
+            if n != size:
+                self.settle_write(data, n)
             return
         if not self.can_write:
             raise TLSError(f"cannot write: TLS connection is {self.state.value}")
@@ -534,10 +565,22 @@ class TLSEngine:
             view = memoryview(data).cast("B")
             if deferred is None:
                 deferred = self.deferred = deque()
+                self.fast = None
             deferred.append(view)
             self.deferred_bytes += len(view)
             return
         self._send_or_defer(data)
+
+    def settle_write(self, data: bytes, n: int) -> None:
+        """Settle an SSL_write of ``data`` (direct, or ``fast.write(data)`` by the owner) that returned ``n``.
+
+        Only needed when ``n`` is not ``len(data)``: the error is mapped, or on
+        WANT_READ (a renegotiation) the data becomes the first deferred write.
+        """
+        if n > 0:  # pragma: no cover - only if whole_writes() could not clear partial writes
+            self._send_view(memoryview(data)[n:])
+        else:
+            self._send_view(memoryview(data), failed=n)
 
     def _send_or_defer(self, data: bytes | bytearray | memoryview) -> bool:
         """Push ``data`` into OpenSSL; on WantRead keep the rest deferred.  True if all went."""
@@ -571,6 +614,7 @@ class TLSEngine:
         except SSL.WantReadError:
             if self.deferred is None:
                 self.deferred = deque()
+                self.fast = None
             self.deferred.appendleft(view)
             self.deferred_bytes += len(view)
             return False
@@ -602,6 +646,7 @@ class TLSEngine:
         # greeting until the handshake, and an idle one should not keep the
         # empty deque (~750 bytes) for the rest of its life.
         self.deferred = None
+        self._refresh_fast()
         return True
 
     def output_view(self) -> memoryview:
@@ -697,7 +742,7 @@ class TLSEngine:
             return False
         pipe = self.pipe
         if pipe is not None:  # it must never see the BIOs drop_bios frees
-            self.pipe = None
+            self.pipe = self.fast = None
             pipe.close()
         if not _o.drop_bios(self.ssl):
             return False
@@ -715,6 +760,7 @@ class TLSEngine:
         self._ptr, self._rbio, self._wbio = handles
         self.pipe = _o.new_pipe(self.ssl, handles)
         self.detached = False
+        self._refresh_fast()
         # Idle again later, it should give them back again.
         self.wants_compaction = True
 
@@ -772,6 +818,7 @@ class TLSEngine:
     def _fail(self, exc: SSL.Error) -> TLSError:
         was = self.state
         self.state = FAILED  # from any state: the guard is for orderly moves
+        self.fast = None
         self.deferred = None
         self.deferred_bytes = 0
         reason = describe_openssl_error(exc)
