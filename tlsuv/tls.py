@@ -231,8 +231,8 @@ class TLSEngine:
     more than the compiled call they wrap); the engine keeps it current at
     every change of state, BIOs or deferred writes (:meth:`_refresh_fast`), so
     the owner never decides when the shortcut is safe.  The owner still hands
-    any result but success back to the engine: :meth:`read_failed` and
-    :meth:`write_failed`.
+    any result but success back to the engine: :meth:`settle_receive` and
+    :meth:`settle_write`.
     """
 
     # Public attributes are read-only for everyone but the engine: one surface
@@ -563,9 +563,8 @@ class TLSEngine:
             # raised exception and an OpenSSL error entry, per try): keep the
             # data until the handshake is done.
             view = memoryview(data).cast("B")
-            if deferred is None:
+            if deferred is None:  # (handshaking: fast is None already)
                 deferred = self.deferred = deque()
-                self.fast = None
             deferred.append(view)
             self.deferred_bytes += len(view)
             return
