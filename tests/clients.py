@@ -103,7 +103,7 @@ def pyopenssl_stream(host: str, port: int, ctx: SSL.Context, payload: bytes, *,
                 while True:
                     result.received += conn.recv(65536)
             except (SSL.WantReadError, SSL.WantWriteError):
-                pass
+                pass  # all the plaintext there is for now has been read
             if result.sent >= len(payload):
                 sel.modify(sock, selectors.EVENT_READ)
         return result
@@ -150,7 +150,7 @@ class RawTLSClient:
             while True:
                 self.received += self.ssl.recv(65536)
         except SSL.WantReadError:
-            pass
+            pass  # all the plaintext there is for now has been read
         except SSL.ZeroReturnError:
             self.got_close_notify = True
         self._flush()

@@ -336,7 +336,7 @@ def socket_activate(argv: list[str], listen: list[str], fdnames: str | None = No
         try:
             srv.wait_for(rf"Listening on .*:{ports[-1]} as {2 + len(listen)}\.", timeout=10)
             return srv, ports
-        except AssertionError:
+        except AssertionError:  # a port taken between our probe and its bind: try others
             srv.stop()
             if not any("Address already in use" in line for line in srv.err):
                 raise

@@ -63,7 +63,7 @@ def wait(predicate: Any, what: str, timeout: float, proc: subprocess.Popen[bytes
             if predicate():
                 return
         except (urllib.error.URLError, ConnectionError):
-            pass
+            pass  # Prometheus (or tlsuv) not answering yet: the deadline below decides
         if proc.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"{what}; prometheus log:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
