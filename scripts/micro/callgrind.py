@@ -17,6 +17,8 @@ handshakes, closes), so ``(large phase - small phase) / (large - small)`` is
 the cost of one message alone.
 
     PYTHONPATH=scripts .venv/bin/python scripts/micro/callgrind.py --server tlsuv --conns 64
+    PYTHONPATH=scripts .venv/bin/python scripts/micro/callgrind.py --server tlsuv --handshake \
+        --conns 8 --small 200 --large 1200
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def main() -> int:
     p.add_argument("--stream", action="store_true",
                    help="the streaming load (--conns connections writing --size bytes at a time); "
                         "--small and --large count MB instead of messages")
+    p.add_argument("--handshake", action="store_true",
+                   help="full TLS 1.3 handshakes (the bench's lean client, --conns at once) instead of "
+                        "messages; --small and --large count handshakes")
     p.add_argument("--small", type=int, default=2000)
     p.add_argument("--large", type=int, default=12000)
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
@@ -92,7 +97,11 @@ def main() -> int:
             for count in (args.small, args.large):
                 before = set(d.glob("callgrind.out*"))
                 # A spawned process: its OpenSSL reads OPENSSL_CONF when it starts.
-                if args.stream:
+                if args.handshake:
+                    res = workers.run_job("handshake", {
+                        "target": target, "concurrency": args.conns, "warmup": 0, "duration": 3600,
+                        "max_handshakes": count, "engine": "tls13"}, cpu=None, timeout=3600)
+                elif args.stream:
                     res = workers.run_job("stream", {
                         "target": target, "conns": args.conns, "chunk": args.size, "warmup": 0,
                         "duration": 3600, "max_bytes": count * 10**6}, cpu=None, timeout=3600)
@@ -113,7 +122,7 @@ def main() -> int:
             log.close()
     (n1, i1), (n2, i2) = totals
     per = (i2 - i1) / (n2 - n1)
-    unit = "MB" if args.stream else "message"
+    unit = "handshake" if args.handshake else "MB" if args.stream else "message"
     print(f"{args.server}: {per:,.0f} instructions per {unit} ({args.conns} conns, {args.size} B"
           f"{' writes' if args.stream else ''}; {n1} and {n2} {unit}s)")
     return 0
