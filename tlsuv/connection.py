@@ -585,7 +585,10 @@ class Connection:
             self._fail(exc)
             return
         unflushed = self._unflushed = self._unflushed + len(data)
-        if not self._in_read:  # else _on_read flushes as it returns
+        # Inside a read callback, _on_read flushes as it returns.  Before the
+        # first handshake completes the engine only kept the data (nothing to
+        # flush, nothing to retry yet); _on_handshake_complete queues it.
+        if not self._in_read and tls.state is not HANDSHAKING:
             self._pending.add(self)
         if not self._writing_paused and (
             unflushed + self._tcp.write_queue_size + tls.deferred_bytes > self._options.high_water
@@ -706,8 +709,12 @@ class Connection:
         # pending list: the same coalescing (every write of this callback
         # goes out together), a few hundred nanoseconds less per message.
         # Everything that needs the full after_io pass takes it.
+        # Deferred writes count only once the first handshake is done: before
+        # that nothing can be retried (see _after_io), and the handshake's
+        # own flight goes out here like any other output.
         tls = self._tls
-        if tls.deferred or self._phase >= P_CLOSING or self._writing_paused:
+        if (tls.deferred and tls.state is not HANDSHAKING) or self._phase >= P_CLOSING \
+                or self._writing_paused:
             self._pending.add(self)
         elif self._unflushed or tls.pending_output():
             self._flush()
