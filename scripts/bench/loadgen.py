@@ -104,6 +104,7 @@ class Result:
     count: int = 0  # messages echoed, or handshakes completed
     nbytes: int = 0  # payload bytes echoed and verified
     server_cpu: float | None = None  # seconds of server CPU (user + system) in the window
+    server_user: float | None = None  # the user-space part of it (see proc_cpu_times)
     client_cpu: float = 0.0  # seconds of this process's CPU in the window
     p50_us: float | None = None
     p99_us: float | None = None
@@ -121,13 +122,18 @@ class Result:
 # -- /proc ------------------------------------------------------------------
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process ``pid`` (all its threads), in seconds."""
+def proc_cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU time of process ``pid`` (all its threads), in seconds.
+
+    The kernel keeps their sum exact (the scheduler's runtime) and splits it
+    in the proportion its timer ticks found the process in user space or in
+    the kernel: over a window of seconds the split is good to a few percent.
+    """
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     # The command name is in parentheses and may hold spaces: split after it.
     fields = stat[stat.rindex(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime: fields 14 and 15
+    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK  # utime, stime: fields 14 and 15
 
 
 def proc_rss_bytes(pid: int) -> int:
@@ -461,7 +467,7 @@ def _measure(reactor: Reactor, counters: _Counters, target: Target, result: Resu
     cores = tuple(c for c in (target.server_core, *mine) if c is not None) if len(mine) == 1 else ()
     c0, b0 = counters.count, counters.nbytes
     busy0 = cpu_busy_seconds(cores)
-    srv0 = proc_cpu_seconds(pid) if pid is not None else 0.0
+    usr0, sys0 = proc_cpu_times(pid) if pid is not None else (0.0, 0.0)
     cli0 = time.process_time()
     t0 = time.monotonic()
     counters.measuring = True
@@ -470,7 +476,9 @@ def _measure(reactor: Reactor, counters: _Counters, target: Target, result: Resu
     t1 = time.monotonic()
     result.client_cpu = time.process_time() - cli0
     if pid is not None:
-        result.server_cpu = proc_cpu_seconds(pid) - srv0
+        usr1, sys1 = proc_cpu_times(pid)
+        result.server_user = usr1 - usr0
+        result.server_cpu = result.server_user + sys1 - sys0
     if cores:
         busy1 = cpu_busy_seconds(cores)
         used = {c: busy1[c] - busy0[c] for c in cores}

@@ -27,6 +27,12 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
     Metric("cpu_us_msg", "server CPU µs/message", "lower"),
     Metric("cpu_ms_mb", "server CPU ms/MB", "lower"),
     Metric("cpu_us_hs", "server CPU µs/handshake", "lower"),
+    # The user-space part of the row above: the kernel's part (read, write,
+    # wake-ups) is nearly the same for every server, so this is the part a
+    # server's own code decides.
+    Metric("user_us_msg", "of which user space", "lower"),
+    Metric("user_ms_mb", "of which user space", "lower"),
+    Metric("user_us_hs", "of which user space", "lower"),
     Metric("kib_conn", "server KiB per idle conn", "lower"),
     Metric("base_p50_us", "p50 µs without the idle", "lower"),
     Metric("base_p99_us", "p99 µs without the idle", "lower"),
@@ -48,10 +54,11 @@ def _per_s(n: float, res: Result) -> float:
     return n / res.elapsed if res.elapsed > 0 else float("nan")
 
 
-def _cpu_per(res: Result, units: float, scale: float) -> float:
-    if res.server_cpu is None or units <= 0:
+def _cpu_per(res: Result, units: float, scale: float, *, user: bool = False) -> float:
+    seconds = res.server_user if user else res.server_cpu
+    if seconds is None or units <= 0:
         return float("nan")
-    return res.server_cpu / units * scale
+    return seconds / units * scale
 
 
 def _shares(res: Result, prefix: str = "") -> dict[str, float]:
@@ -69,6 +76,7 @@ def pingpong_figures(res: Result) -> dict[str, float]:
         "msg_s": _per_s(res.count, res),
         "mb_s": _per_s(res.nbytes / 1e6, res),
         "cpu_us_msg": _cpu_per(res, res.count, 1e6),
+        "user_us_msg": _cpu_per(res, res.count, 1e6, user=True),
         **_shares(res),
     }
     if res.p50_us is not None and res.p99_us is not None:
@@ -79,11 +87,12 @@ def pingpong_figures(res: Result) -> dict[str, float]:
 
 def stream_figures(res: Result) -> dict[str, float]:
     return {"mb_s": _per_s(res.nbytes / 1e6, res), "cpu_ms_mb": _cpu_per(res, res.nbytes / 1e6, 1e3),
-            **_shares(res)}
+            "user_ms_mb": _cpu_per(res, res.nbytes / 1e6, 1e3, user=True), **_shares(res)}
 
 
 def handshake_figures(res: Result) -> dict[str, float]:
-    return {"hs_s": _per_s(res.count, res), "cpu_us_hs": _cpu_per(res, res.count, 1e6), **_shares(res)}
+    return {"hs_s": _per_s(res.count, res), "cpu_us_hs": _cpu_per(res, res.count, 1e6),
+            "user_us_hs": _cpu_per(res, res.count, 1e6, user=True), **_shares(res)}
 
 
 def medians(runs: Iterable[Mapping[str, float]]) -> dict[str, float]:

@@ -3,11 +3,12 @@
 
 Why: the kernel's share of a small-message echo (one read(2), one write(2)
 that delivers to the peer) is the same for every server; what tlsuv can
-change is the user-space share.  ``make bench`` gives user + system
-together, side by side with the peers; this development tool shows the two
-apart, so a change to the hot path is judged by the part it can move.  It
-reads the server's utime and stime from /proc over the load generator's
-window (after the warm-up), for one scenario at a time.
+change is the user-space share.  ``make bench`` shows the total and the
+user-space part for every server; this development tool measures one
+scenario in seconds and prints the system part too, so a change to the hot
+path is judged by the part it can move.  It reads the server's utime and
+stime from /proc (``bench.loadgen.proc_cpu_times``) over the load
+generator's window (after the warm-up).
 
     PYTHONPATH=scripts .venv/bin/python scripts/micro/split.py --scenario pp64 --repeat 3
 """
@@ -15,7 +16,6 @@ window (after the warm-up), for one scenario at a time.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import threading
@@ -34,18 +34,12 @@ SCENARIOS: dict[str, tuple[str, dict[str, Any], str]] = {
 }
 
 
-def _user_system(pid: int) -> tuple[float, float]:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick  # utime, stime
-
-
 def _window(pid: int, delay: float, seconds: float, out: dict[str, float]) -> None:
     # Started after the warm-up so the window roughly matches the load generator's.
     threading.Event().wait(delay)
-    u0, s0 = _user_system(pid)
+    u0, s0 = loadgen.proc_cpu_times(pid)
     threading.Event().wait(seconds)
-    u1, s1 = _user_system(pid)
+    u1, s1 = loadgen.proc_cpu_times(pid)
     out.update(user=u1 - u0, system=s1 - s0)
 
 
