@@ -132,3 +132,25 @@ def test_the_pure_python_tlsuv_column_runs_the_pure_path(certs: Certs, tmp_path:
     assert b"TLSUV_NO_EXTENSIONS=1" in environ
     assert pp.verified_bytes == pp.nbytes >= 400 * 64
     assert not problems, problems
+
+
+def test_paired_ratios_divide_within_each_repetition() -> None:
+    """The spread report pairs each repetition with the baseline's own, never with its median."""
+    from bench import report  # noqa: PLC0415  # only this test needs the report module
+
+    def run(server: str, rep: int, cpu: float, user: float) -> dict[str, object]:
+        return {"scenario": "pp64", "server": server, "rep": rep,
+                "figures": {"cpu_us_msg": cpu, "user_us_msg": user, "msg_s": 1.0}}
+
+    runs = [
+        run("uvloop", 0, 10.0, 5.0), run("tlsuv", 0, 8.0, 3.0),
+        run("uvloop", 1, 20.0, 8.0), run("tlsuv", 1, 18.0, 4.0),  # a slow moment for both
+        run("tlsuv", 2, 1.0, 1.0),  # no baseline in this repetition: left out
+        {"scenario": "pp64", "server": "uvloop", "rep": 3, "error": "boom"},  # no figures
+    ]
+    scenarios = [("pp64", "ping-pong", ("msg_s", "cpu_us_msg", "user_us_msg"))]
+    lines = report.paired_ratios(scenarios, [("tlsuv", "tlsuv"), ("uvloop", "uvloop+ssl")], runs, "uvloop")
+    assert lines == [
+        "ping-pong, server CPU µs/message: tlsuv 0.80 0.90 (median 0.85)",
+        "ping-pong, of which user space: tlsuv 0.60 0.50 (median 0.55)",
+    ]

@@ -162,6 +162,55 @@ def markdown_table(
     return "\n".join(lines)
 
 
+# The figures compared repetition by repetition (paired_ratios): the cost per
+# unit of work, where the targets are set.
+PAIRED: tuple[str, ...] = ("cpu_us_msg", "user_us_msg", "cpu_ms_mb", "user_ms_mb", "cpu_us_hs", "user_us_hs")
+
+
+def paired_ratios(
+    scenarios: Sequence[tuple[str, str, Sequence[str]]],
+    servers: Sequence[tuple[str, str]],
+    runs: Iterable[Mapping[str, object]],
+    baseline: str,
+) -> list[str]:
+    """Each repetition's figure over the baseline's in the same repetition, and their median.
+
+    The table's ratio divides two medians taken minutes apart.  The servers
+    of one repetition are measured one after another, seconds apart, so the
+    ratio within a repetition leaves out most of this shared machine's slow
+    drift; the spread of those ratios shows how far one run's verdict can
+    be trusted.  Figures come from the measurement's ``figures`` per
+    ``(scenario, server, rep)``; a repetition without the baseline's figure
+    is left out.
+    """
+    by_rep: dict[tuple[str, str], dict[int, Mapping[str, float]]] = {}
+    for run in runs:
+        figures = run.get("figures")
+        rep = run.get("rep")
+        if isinstance(figures, Mapping) and isinstance(rep, int):
+            by_rep.setdefault((str(run["scenario"]), str(run["server"])), {})[rep] = figures
+    lines = []
+    for skey, title, rows in scenarios:
+        base = by_rep.get((skey, baseline), {})
+        for key in rows:
+            if key not in PAIRED:
+                continue
+            parts = []
+            for server, label in servers:
+                if server == baseline:
+                    continue
+                mine = by_rep.get((skey, server), {})
+                ratios = [mine[r][key] / base[r][key] for r in sorted(mine)
+                          if r in base and key in mine[r] and base[r].get(key, 0.0) > 0]
+                ratios = [x for x in ratios if not math.isnan(x)]
+                if ratios:
+                    each = " ".join(f"{x:.2f}" for x in ratios)
+                    parts.append(f"{label} {each} (median {statistics.median(ratios):.2f})")
+            if parts:
+                lines.append(f"{title}, {METRICS[key].label}: " + "; ".join(parts))
+    return lines
+
+
 BUSY_PCT = 90.0
 
 

@@ -563,6 +563,7 @@ def _finish(args: argparse.Namespace, stamp: str, *, versions: dict[str, str], s
     checks, ok = report.ceiling_checks(table_scenarios, summary, "plain", tls_names) \
         if "plain" in {s.name for s in specs} else ([], True)
     busy = report.busy_generator(table_scenarios, server_cols, summary)
+    paired = report.paired_ratios(table_scenarios, server_cols, runs, BASELINE)
     settings = (f"medians of {args.repeat} run(s) of {args.duration:g} s after {args.warmup:g} s warm-up; "
                 f"server on one core, load generator on the other")
     print(f"\n{settings}; ratios are to {BASELINE} (↑ more is better, ↓ less is better)\n")
@@ -574,6 +575,10 @@ def _finish(args: argparse.Namespace, stamp: str, *, versions: dict[str, str], s
             print("  " + line)
         if not ok:
             print("  WARNING: somewhere the load generator, not the TLS server, may have been the limit")
+    if paired:
+        print(f"\nrepetition by repetition, as a ratio to {BASELINE} in the same repetition:")
+        for line in paired:
+            print("  " + line)
     if busy:
         print(f"\nload generator at {report.BUSY_PCT:.0f} % CPU or more (throughput there may be its "
               "limit, not the server's; CPU per unit of work is unaffected):")
@@ -595,12 +600,15 @@ def _finish(args: argparse.Namespace, stamp: str, *, versions: dict[str, str], s
         "summary": summary,
         "ceiling_checks": checks,
         "generator_busy": busy,
+        "paired_ratios": paired,
         "runs": runs,
     }
     Path(f"{base}.json").write_text(json.dumps(doc, indent=1, default=_json_default))
     md = (f"{settings}; ratios are to {BASELINE} (↑ more is better, ↓ less is better)\n\n{table}\n\n"
           + "\n".join(f"- {line}" for line in checks) + "\n"
-          + "".join(f"- load generator busy: {line}\n" for line in busy))
+          + "".join(f"- load generator busy: {line}\n" for line in busy)
+          + (f"\nRepetition by repetition, as a ratio to {BASELINE} in the same repetition:\n\n"
+             + "".join(f"- {line}\n" for line in paired) if paired else ""))
     Path(f"{base}.md").write_text(md)
     written = [f"{base}.json", f"{base}.md"]
     if not args.no_chart:
