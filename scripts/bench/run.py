@@ -106,8 +106,10 @@ Repetition
 
 Output
     A table (every figure with its ratio to uvloop; ↑ more is better, ↓
-    less), the plain-TCP ceiling check, raw JSON, the table as Markdown and a
-    PNG chart, all under ``bench-results/`` (git-ignored).
+    less), the plain-TCP ceiling check, the CPU figures repetition by
+    repetition as ratios to uvloop's in the same repetition (how much one
+    run's ratio can be trusted), raw JSON, the table as Markdown and a PNG
+    chart, all under ``bench-results/`` (git-ignored).
 
 Usage
     make bench                                  # the full run, 12-15 minutes
