@@ -13,7 +13,7 @@ import pytest
 
 # scripts/bench is not an installed package: tests/helpers.py (imported by
 # conftest, which pytest loads first) puts scripts/ on sys.path.
-from bench import loadgen, servers
+from bench import loadgen, report, servers
 from conftest import Certs, server_thread
 
 import tlsuv
@@ -136,8 +136,6 @@ def test_the_pure_python_tlsuv_column_runs_the_pure_path(certs: Certs, tmp_path:
 
 def test_paired_ratios_divide_within_each_repetition() -> None:
     """The spread report pairs each repetition with the baseline's own, never with its median."""
-    from bench import report  # noqa: PLC0415  # only this test needs the report module
-
     def run(server: str, rep: int, cpu: float, user: float) -> dict[str, object]:
         return {"scenario": "pp64", "server": server, "rep": rep,
                 "figures": {"cpu_us_msg": cpu, "user_us_msg": user, "msg_s": 1.0}}
