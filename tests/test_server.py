@@ -62,6 +62,41 @@ def test_connections_share_their_local_address_and_keep_their_own_peer(certs: Ce
         assert peers == {a.getsockname()[:2], b.getsockname()[:2]}
 
 
+def test_a_wildcard_listener_asks_each_connection_its_local_address(certs: Certs) -> None:
+    # A listener on one address gives every connection that address without a
+    # system call; one on 0.0.0.0 cannot know which local address a client
+    # reached, so each connection asks the kernel.
+    with server_thread(certs.server_context(), host="0.0.0.0") as st:
+        with socket.create_connection(("127.0.0.1", st.port), timeout=10) as raw, \
+                certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
+            assert recv_exactly(s, 4) == GREETING
+            (conn,) = st.connections
+            assert st.call(lambda: conn.sockname) == ("127.0.0.1", st.port)
+
+
+def test_a_transparent_listener_asks_each_connection_its_local_address(certs: Certs) -> None:
+    # IP_TRANSPARENT (systemd's Transparent=yes, TPROXY): connections carry the
+    # address the client dialled, not the listener's.  Without TPROXY routing
+    # in the test both are the same, so this checks that the server does not
+    # take the listener's address for them.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT; needs CAP_NET_ADMIN
+    except PermissionError:
+        sock.close()
+        pytest.fail("IP_TRANSPARENT needs CAP_NET_ADMIN, which the test suite runs with in CI")
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    with server_thread(certs.server_context()) as st:
+        port = st.call(lambda: st.server.listen_socket(sock)[1])
+        assert st.call(lambda: len(st.server._local)) == 1, "only the test's own listener takes the shortcut"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
+            assert recv_exactly(s, 4) == GREETING
+            conn = st.connections[-1]
+            assert st.call(lambda: conn.sockname) == ("127.0.0.1", port)
+
+
 def test_the_echo_servers_handlers_carry_no_instance_dict(certs: Certs) -> None:
     # Handler and EchoHandler declare empty __slots__ so that each connection of the
     # echo server saves a __dict__; one missing declaration anywhere brings it back.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -98,11 +99,17 @@ def session_reused(conn: SSL.Connection) -> bool:
     return bool(_lib.SSL_session_reused(_ssl_ptr(conn)))
 
 
-_HAVE_NEGOTIATED: Final = _has("SSL_get_version", "SSL_get_current_cipher", "SSL_CIPHER_get_name",
-                               "SSL_get0_alpn_selected", "SSL_session_reused")
+_HAVE_NEGOTIATED: Final = _has("SSL_version", "SSL_get_version", "SSL_get_current_cipher",
+                               "SSL_CIPHER_get_name", "SSL_get0_alpn_selected", "SSL_session_reused")
 # OpenSSL's version and cipher names are static strings: one Python str each,
-# kept, so counting a connection does not make new ones.
+# kept, so counting a connection does not make new ones -- and, looked up by
+# the version number and the cipher's address, it does not ask OpenSSL for
+# the name again either.
 _names: dict[bytes, str] = {}
+_versions: dict[int, str] = {}
+# SSL_CIPHER* -> name: cffi pointers hash by address, and OpenSSL's ciphers
+# live in its static tables for the life of the process.
+_ciphers: dict[Any, str] = {}
 
 
 def _name(raw: bytes) -> str:
@@ -112,26 +119,45 @@ def _name(raw: bytes) -> str:
     return name
 
 
+class _AlpnOut(threading.local):
+    """SSL_get0_alpn_selected's two out-parameters, made once per thread (cffi lets go of the GIL)."""
+
+    def __init__(self) -> None:
+        self.data = _ffi.new("unsigned char **")
+        self.length = _ffi.new("unsigned int *")
+
+
+_alpn_out = _AlpnOut() if _HAVE_NEGOTIATED else None
+
+
 def negotiated(conn: SSL.Connection) -> tuple[str, str | None, str | None, bool]:
-    """Version, cipher, ALPN protocol and "resumed" of a completed handshake, in four OpenSSL calls.
+    """Version, cipher, ALPN protocol and "resumed" of a completed handshake, in five OpenSSL calls.
 
     Once per connection, for tlsuv.stats: through pyOpenSSL's methods the
     same four answers cost several times as much (each call re-checks and
     re-wraps), which a server that accepts thousands of connections a
     second notices.
     """
-    if not _HAVE_NEGOTIATED:  # pragma: no cover - depends on pyOpenSSL internals
+    if not _HAVE_NEGOTIATED or _alpn_out is None:  # pragma: no cover - depends on pyOpenSSL internals
         proto = conn.get_alpn_proto_negotiated()
         return (conn.get_protocol_version_name(), conn.get_cipher_name(),
                 proto.decode("ascii", "replace") if proto else None, session_reused(conn))
-    ptr = _ssl_ptr(conn)
-    version = _name(_ffi.string(_lib.SSL_get_version(ptr)))
+    ptr = conn._ssl
+    number = _lib.SSL_version(ptr)
+    version = _versions.get(number)
+    if version is None:
+        version = _versions[number] = _name(_ffi.string(_lib.SSL_get_version(ptr)))
     current = _lib.SSL_get_current_cipher(ptr)
-    cipher = None if current == _ffi.NULL else _name(_ffi.string(_lib.SSL_CIPHER_get_name(current)))
-    data = _ffi.new("unsigned char **")
-    length = _ffi.new("unsigned int *")
-    _lib.SSL_get0_alpn_selected(ptr, data, length)
-    alpn = _name(_ffi.buffer(data[0], length[0])[:]) if length[0] else None
+    if current == _ffi.NULL:
+        cipher = None
+    else:
+        cipher = _ciphers.get(current)
+        if cipher is None:
+            cipher = _ciphers[current] = _name(_ffi.string(_lib.SSL_CIPHER_get_name(current)))
+    out = _alpn_out
+    _lib.SSL_get0_alpn_selected(ptr, out.data, out.length)
+    length = out.length[0]
+    alpn = _name(_ffi.buffer(out.data[0], length)[:]) if length else None
     return version, cipher, alpn, bool(_lib.SSL_session_reused(ptr))
 
 
@@ -216,6 +242,28 @@ def whole_writes(conn: SSL.Connection) -> bool:
         return False
     _lib.SSL_clear_mode(_ssl_ptr(conn), _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
     return True
+
+
+def tune(conn: SSL.Connection) -> None:
+    """:func:`release_idle_buffers` and :func:`whole_writes` in one call, for a new connection."""
+    ptr = conn._ssl
+    if _HAVE_SET_MODE:
+        _lib.SSL_set_mode(ptr, _lib.SSL_MODE_RELEASE_BUFFERS)
+    if _HAVE_CLEAR_MODE:
+        _lib.SSL_clear_mode(ptr, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+
+
+_HAVE_STATE_STRING: Final = _has("SSL_state_string_long")
+# What SSL_state_string_long says once a handshake is done (pyOpenSSL's
+# get_state_string reads the same string, one Python call further away).
+HANDSHAKE_DONE_STATE: Final = b"SSL negotiation finished successfully"
+
+
+def handshake_done(conn: SSL.Connection) -> bool:
+    """OpenSSL's state machine finished the handshake (the first, or a renegotiation)."""
+    if not _HAVE_STATE_STRING:  # pragma: no cover - depends on pyOpenSSL internals
+        return conn.get_state_string() == HANDSHAKE_DONE_STATE
+    return bool(_ffi.string(_lib.SSL_state_string_long(conn._ssl)) == HANDSHAKE_DONE_STATE)
 
 
 _HAVE_SET_BIO: Final = _has("SSL_set_bio", "BIO_new", "BIO_s_mem")

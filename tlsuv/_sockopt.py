@@ -146,6 +146,27 @@ def configured(tcp: pyuv.TCP, keepalive: int | None, send_timeout: float | None)
                 and _get_int(fd, tcp_level, _TCP_USER_TIMEOUT) != _user_timeout_ms(send_timeout))
 
 
+# IP_TRANSPARENT and IPV6_TRANSPARENT from linux/in.h and linux/in6.h (the
+# socket module names the first only from Python 3.12 on some builds).
+_IP_TRANSPARENT: Final = 19
+_IPV6_TRANSPARENT: Final = 75
+
+
+def transparent(tcp: pyuv.TCP, ipv6: bool) -> bool:
+    """Whether a listener may accept connections for addresses other than its own (TPROXY).
+
+    Such a socket (systemd's ``Transparent=yes``) hands out connections
+    whose local address is the one the client dialled, not the listener's.
+    True when it cannot be told (another system, a socket that refuses).
+    """
+    try:
+        fd = tcp.fileno()
+        return bool(_get_int(fd, socket.IPPROTO_IP, _IP_TRANSPARENT)
+                    or (ipv6 and _get_int(fd, socket.IPPROTO_IPV6, _IPV6_TRANSPARENT)))
+    except (OSError, pyuv.error.UVError):
+        return True
+
+
 def reset_on_close(fd: int) -> None:
     """Make the next close() send a reset and drop the send buffer (SO_LINGER, zero seconds)."""
     with contextlib.suppress(OSError):  # best effort: a plain close still frees the descriptor

@@ -326,6 +326,7 @@ class Connection:
         on_proxy_header: Callable[[Connection], BaseException | None] | None = None,
         on_finish: Callable[[Connection], None] | None = None,
         server_hostname: str | None = None,
+        sockname: tuple[str, int] | None = None,
     ) -> None:
         self._tcp = tcp
         self._fd = -1  # the socket, for direct writes; looked up at the first _flush
@@ -368,7 +369,8 @@ class Connection:
         # Plaintext read while the handler paused reading; made when first needed.
         self._held: list[bytes] | None = None
         self.peer = socket_address(tcp, "getpeername")
-        self.sockname = socket_address(tcp, "getsockname")
+        # The server passes its listener's address when every connection has it.
+        self.sockname = sockname if sockname is not None else socket_address(tcp, "getsockname")
         self.proxy_header: ProxyHeader | None = None
         self.proxy_peer: tuple[str, int] | None = None
         self.user_data: Any = None

@@ -26,8 +26,10 @@ certificates while keeping sessions resumable.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -119,6 +121,10 @@ class Server:
         # Connections accepted on one listener share their local address;
         # one tuple for all of them instead of one each (~150 bytes).
         self._sockname: tuple[str, int] | None = None
+        # A listener bound to one address hands every connection that address:
+        # no getsockname per accept.  Wildcard (and transparent) listeners are
+        # not in here; their connections ask.
+        self._local: dict[pyuv.TCP, tuple[str, int]] = {}
         self._listeners: list[pyuv.TCP] = []
         self._address: tuple[str, int] | None = None  # the first listener's
         self._addresses: list[tuple[str, int]] = []
@@ -217,6 +223,9 @@ class Server:
     def _add_listener(self, tcp: pyuv.TCP) -> tuple[str, int]:
         name = tcp.getsockname()
         address = (str(name[0]), int(name[1]))
+        if not ipaddress.ip_address(address[0]).is_unspecified \
+                and not _sockopt.transparent(tcp, ":" in address[0]):
+            self._local[tcp] = (sys.intern(address[0]), address[1])
         self._configure_listener(tcp)
         self._listeners.append(tcp)
         self._addresses.append(address)
@@ -338,7 +347,8 @@ class Server:
         per_client = proxied and self._clients is not None  # counted once the header names the client
         conn = Connection(tcp, self.context, self.handler_factory, pending=self.pending,
                           options=self.options, on_gone=self._gone, on_finish=self._finished,
-                          on_proxy_header=self._admit_proxied if per_client else None)
+                          on_proxy_header=self._admit_proxied if per_client else None,
+                          sockname=self._local.get(listener))
         if client is not None:
             if conn.closed:  # its handler factory failed: it finished before we could file it
                 assert self._clients is not None

@@ -123,8 +123,6 @@ COMPACT_MIN: Final = 4096
 # to make a server burn CPU).
 OP_ALLOW_CLIENT_RENEGOTIATION: Final = 0x100
 
-_HANDSHAKE_DONE_STATE: Final = b"SSL negotiation finished successfully"
-
 # TLS alert descriptions (RFC 8446 section 6, plus the TLS 1.2-only ones), so
 # a failure can say which alert the peer was sent.
 ALERT_NAMES: Final[dict[int, str]] = {
@@ -181,6 +179,11 @@ class State(enum.Enum):
     PEER_CLOSED = "peer closed"  # the peer's close_notify arrived
     CLOSED = "closed"  # both close_notify sent and received, or EOF after ours
     FAILED = "failed"  # a fatal TLS error or truncation; only the alert is left
+
+    # Members are singletons and compare by identity: hash them the same way,
+    # in C, instead of Enum's Python-level hash of the name (the transition
+    # table is looked up on every change of state).
+    __hash__ = object.__hash__
 
 
 # Python 3.11's EnumType defines __getattr__, which sends every ``State.X``
@@ -280,22 +283,25 @@ class TLSEngine:
         # Plaintext that OpenSSL could not take yet (it needs to read first).
         # Made on first use and dropped once drained (retry_deferred): an
         # empty deque costs ~750 bytes per connection.
-        self.deferred: deque[memoryview] | None = None
+        self.deferred: deque[bytes | memoryview] | None = None
         self.deferred_bytes = 0
         # The raw SSL* and BIOs for the hot path (tlsuv._openssl); None means
         # "use pyOpenSSL's public methods", which behave the same, slower.
         handles = _o.fast_handles(self.ssl)
-        self._ptr: Any = None  # cffi pointers: SSL*, incoming BIO*, outgoing BIO*
-        self._rbio: Any = None
-        self._wbio: Any = None
+        # cffi pointers: SSL*, incoming BIO*, outgoing BIO*.  And the compiled
+        # data path over the same SSL* and BIOs (a tlsuv._speedups Pipe), or
+        # None: receive, write and output_to use it when it is there.
+        self._ptr: Any
+        self._rbio: Any
+        self._wbio: Any
+        self.pipe: Any
         if handles is not None:
             self._ptr, self._rbio, self._wbio = handles
-        # The compiled data path over the same SSL* and BIOs (a tlsuv._speedups
-        # Pipe), or None: receive, write and output_to use it when it is there.
-        self.pipe: Any = _o.new_pipe(self.ssl, handles) if handles is not None else None
+            self.pipe = _o.new_pipe(self.ssl, handles)
+        else:
+            self._ptr = self._rbio = self._wbio = self.pipe = None
         self.fast: Any = None  # the pipe, once established (see the class docstring)
-        _o.release_idle_buffers(self.ssl)
-        _o.whole_writes(self.ssl)
+        _o.tune(self.ssl)  # release_idle_buffers and whole_writes
         # compact() would give memory back: a BIO held more than COMPACT_MIN,
         # or the handshake (or an _attach) made BIOs an idle connection can do without.
         self.wants_compaction = False
@@ -404,6 +410,15 @@ class TLSEngine:
             ptr = self._ptr
         if ptr is None:
             chunks = self._receive_public(data, state)
+        elif self.pipe is not None:
+            # Compiled: the handshake's reads take the same one call as the
+            # data path's (the SSL_read loop drives the handshake).
+            if len(data) > COMPACT_MIN:
+                self.wants_compaction = True
+            chunks = []
+            status = self.pipe.receive(data, chunks)
+            if status != 1:
+                self._read_failed(ptr, status, state)
         else:
             rbio = self._rbio
             if data:
@@ -496,7 +511,7 @@ class TLSEngine:
         self._peer_close_notify()
 
     def _check_handshake(self) -> None:
-        if self.state is HANDSHAKING and self.ssl.get_state_string() == _HANDSHAKE_DONE_STATE:
+        if self.state is HANDSHAKING and _o.handshake_done(self.ssl):
             self._set_state(ESTABLISHED)
             self.handshake_completed = True
             # The flights grew both BIOs, and an idle connection is better off
@@ -562,11 +577,12 @@ class TLSEngine:
             # on the input SSL_read already saw and fail with WANT_READ (a
             # raised exception and an OpenSSL error entry, per try): keep the
             # data until the handshake is done.
-            view = memoryview(data).cast("B")
+            # bytes as they are: retried, they take SSL_write's direct case.
+            kept = data if type(data) is bytes else memoryview(data).cast("B")
             if deferred is None:  # (handshaking: fast is None already)
                 deferred = self.deferred = deque()
-            deferred.append(view)
-            self.deferred_bytes += len(view)
+            deferred.append(kept)
+            self.deferred_bytes += len(kept)
             return
         self._send_or_defer(data)
 
@@ -587,7 +603,8 @@ class TLSEngine:
         if ptr is not None and type(data) is bytes:
             # The common case: cffi passes bytes as a pointer without a copy,
             # and a memory BIO takes the whole buffer in one SSL_write.
-            n = _SSL_write(ptr, data, len(data))
+            pipe = self.pipe
+            n = _SSL_write(ptr, data, len(data)) if pipe is None else pipe.write(data)
             if n == len(data):
                 return True
             if n > 0:  # pragma: no cover - only if whole_writes() could not clear partial writes
