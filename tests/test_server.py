@@ -66,12 +66,12 @@ def test_a_wildcard_listener_asks_each_connection_its_local_address(certs: Certs
     # A listener on one address gives every connection that address without a
     # system call; one on 0.0.0.0 cannot know which local address a client
     # reached, so each connection asks the kernel.
-    with server_thread(certs.server_context(), host="0.0.0.0") as st:
-        with socket.create_connection(("127.0.0.1", st.port), timeout=10) as raw, \
-                certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
-            assert recv_exactly(s, 4) == GREETING
-            (conn,) = st.connections
-            assert st.call(lambda: conn.sockname) == ("127.0.0.1", st.port)
+    with server_thread(certs.server_context(), host="0.0.0.0") as st, \
+            socket.create_connection(("127.0.0.1", st.port), timeout=10) as raw, \
+            certs.client_ssl_context().wrap_socket(raw, server_hostname="localhost") as s:
+        assert recv_exactly(s, 4) == GREETING
+        (conn,) = st.connections
+        assert st.call(lambda: conn.sockname) == ("127.0.0.1", st.port)
 
 
 def test_a_transparent_listener_asks_each_connection_its_local_address(certs: Certs) -> None:
