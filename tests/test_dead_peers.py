@@ -81,6 +81,7 @@ def sockopts(fd: int) -> dict[str, int]:
             "interval": s.getsockopt(tcp, socket.TCP_KEEPINTVL),
             "probes": s.getsockopt(tcp, socket.TCP_KEEPCNT),
             "user_timeout_ms": s.getsockopt(tcp, socket.TCP_USER_TIMEOUT),
+            "nodelay": s.getsockopt(tcp, socket.TCP_NODELAY),
         }
     finally:
         s.close()
@@ -110,9 +111,11 @@ def server_fd(st: ServerThread) -> int:
     # The defaults: probes from 30 s of silence, every 10 s, 9 of them; the kernel gives up
     # on unacknowledged data after 60 s.
     (tlsuv.ConnectionOptions(),
-     {"keepalive": 1, "idle": 30, "interval": 10, "probes": KEEPALIVE_PROBES, "user_timeout_ms": 60000}),
+     {"keepalive": 1, "idle": 30, "interval": 10, "probes": KEEPALIVE_PROBES, "user_timeout_ms": 60000,
+      "nodelay": 1}),
     (tlsuv.ConnectionOptions(keepalive=7, send_timeout=2.5),
-     {"keepalive": 1, "idle": 7, "interval": 2, "probes": KEEPALIVE_PROBES, "user_timeout_ms": 2500}),
+     {"keepalive": 1, "idle": 7, "interval": 2, "probes": KEEPALIVE_PROBES, "user_timeout_ms": 2500,
+      "nodelay": 1}),
 ], ids=["defaults", "custom"])
 def test_accepted_connections_get_keepalive_and_user_timeout(
         certs: Certs, options: tlsuv.ConnectionOptions, expected: dict[str, int]) -> None:
@@ -130,13 +133,32 @@ def test_set_per_connection_where_the_listener_passes_nothing_on(certs: Certs) -
         listener = socket.socket(fileno=os.dup(handle.fileno()))
         try:
             assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)  # as if not inherited
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         finally:
             listener.close()
         for _ in range(2):
             with st.connect(certs) as s:
                 assert recv_exactly(s, 4) == GREETING
-                assert sockopts(st.call(st.connections[-1]._tcp.fileno))["keepalive"] == 1
+                got = sockopts(st.call(st.connections[-1]._tcp.fileno))
+                assert got["keepalive"] == 1 and got["nodelay"] == 1
+        assert st.server._inherits is False
+
+
+def test_nodelay_alone_not_inherited_is_set_per_connection(certs: Certs) -> None:
+    """With keepalive and the send timeout off, TCP_NODELAY still reaches every connection."""
+    options = tlsuv.ConnectionOptions(keepalive=None, send_timeout=None)
+    with ServerThread(certs.server_context(), options=options) as st:
+        (handle,) = st.server._listeners
+        listener = socket.socket(fileno=os.dup(handle.fileno()))
+        try:
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # as if not inherited
+        finally:
+            listener.close()
+        with st.connect(certs) as s:
+            assert recv_exactly(s, 4) == GREETING
+            assert sockopts(server_fd(st))["nodelay"] == 1
         assert st.server._inherits is False
 
 
@@ -146,6 +168,7 @@ def test_off_leaves_the_kernel_defaults(certs: Certs) -> None:
         assert recv_exactly(s, 4) == GREETING
         got = sockopts(server_fd(st))
     assert got["keepalive"] == 0 and got["user_timeout_ms"] == 0
+    assert got["nodelay"] == 1  # not a dead-peer option: always on
 
 
 def test_outgoing_connections_get_them_too(certs: Certs) -> None:
@@ -159,7 +182,7 @@ def test_outgoing_connections_get_them_too(certs: Certs) -> None:
         st.call(conn.close)
         st.wait_for(lambda: seen.closed_count == 1)
     assert got == {"keepalive": 1, "idle": 4, "interval": 1, "probes": KEEPALIVE_PROBES,
-                   "user_timeout_ms": 9000}
+                   "user_timeout_ms": 9000, "nodelay": 1}
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -39,7 +39,8 @@ path) is read the same way, with ``getsockopt`` and ``ioctl``.
 
 Where: on the listening socket, once (Linux copies these options to every
 socket ``accept`` returns, so an accepted connection costs no system call),
-and on each outgoing connection once it is connected.
+and on each outgoing connection once it is connected.  A server's TCP_NODELAY
+(TLS records are already batched per loop iteration) travels the same way.
 """
 
 from __future__ import annotations
@@ -93,8 +94,9 @@ def keepalive_interval(idle: int) -> int:
     return max(1, idle // 3)
 
 
-def configure(tcp: pyuv.TCP, keepalive: int | None, send_timeout: float | None) -> None:
-    """Turn on keepalive and TCP_USER_TIMEOUT on a handle, as the options ask.
+def configure(tcp: pyuv.TCP, keepalive: int | None, send_timeout: float | None,
+              *, nodelay: bool = False) -> None:
+    """Turn on keepalive and TCP_USER_TIMEOUT (and TCP_NODELAY) on a handle, as the options ask.
 
     On a listening socket this costs nothing per connection: Linux copies
     these options (as it does TCP_NODELAY) to every socket ``accept`` makes.
@@ -105,6 +107,8 @@ def configure(tcp: pyuv.TCP, keepalive: int | None, send_timeout: float | None) 
     ``None`` leaves that option as the socket has it.  Raises OSError or
     ``pyuv.error.UVError`` if the socket refuses (a peer that reset already).
     """
+    if nodelay:
+        tcp.nodelay(True)
     if keepalive is None and send_timeout is None:
         return
     fd = tcp.fileno()
@@ -131,10 +135,13 @@ def _get_int(fd: int, level: int, name: int) -> int:
     return value.value
 
 
-def configured(tcp: pyuv.TCP, keepalive: int | None, send_timeout: float | None) -> bool:
+def configured(tcp: pyuv.TCP, keepalive: int | None, send_timeout: float | None,
+               *, nodelay: bool = False) -> bool:
     """Whether ``tcp`` already has what :func:`configure` would set (e.g. inherited at accept)."""
     fd = tcp.fileno()
     tcp_level = socket.IPPROTO_TCP
+    if nodelay and _get_int(fd, tcp_level, socket.TCP_NODELAY) == 0:
+        return False
     if keepalive is not None and (
             _get_int(fd, socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
             or _get_int(fd, tcp_level, socket.TCP_KEEPIDLE) != keepalive

@@ -341,8 +341,7 @@ class Server:
                 tcp.close()
                 return
         self.accepted += 1
-        tcp.nodelay(True)  # TLS records are already batched per loop iteration
-        if not self._inherits:
+        if not self._inherits:  # TCP_NODELAY, keepalive and TCP_USER_TIMEOUT, where not inherited
             self._configure(tcp)
         per_client = proxied and self._clients is not None  # counted once the header names the client
         conn = Connection(tcp, self.context, self.handler_factory, pending=self.pending,
@@ -451,23 +450,24 @@ class Server:
 
     def _configure_listener(self, tcp: pyuv.TCP) -> None:
         try:
-            _sockopt.configure(tcp, self.options.keepalive, self.options.send_timeout)
+            # TCP_NODELAY: TLS records are already batched per loop iteration.
+            _sockopt.configure(tcp, self.options.keepalive, self.options.send_timeout, nodelay=True)
         except (OSError, pyuv.error.UVError) as exc:
             self._inherits = False  # set them on each connection instead
-            log.debug("cannot set keepalive/TCP_USER_TIMEOUT on the listener: %s", exc)
+            log.debug("cannot set TCP_NODELAY/keepalive/TCP_USER_TIMEOUT on the listener: %s", exc)
 
     def _configure(self, tcp: pyuv.TCP) -> None:
-        """Keepalive and TCP_USER_TIMEOUT for an accepted socket that may not have inherited them."""
+        """TCP_NODELAY, keepalive and TCP_USER_TIMEOUT for an accepted socket that may not have inherited them."""
         keepalive, send_timeout = self.options.keepalive, self.options.send_timeout
         try:
             if self._inherits is None:
                 # Once per server: Linux copies them from the listener, other systems may not.
-                self._inherits = _sockopt.configured(tcp, keepalive, send_timeout)
+                self._inherits = _sockopt.configured(tcp, keepalive, send_timeout, nodelay=True)
                 if self._inherits:
                     return
-            _sockopt.configure(tcp, keepalive, send_timeout)
+            _sockopt.configure(tcp, keepalive, send_timeout, nodelay=True)
         except (OSError, pyuv.error.UVError) as exc:  # gone already: its first read will say so
-            log.debug("cannot set keepalive/TCP_USER_TIMEOUT: %s", exc)
+            log.debug("cannot set TCP_NODELAY/keepalive/TCP_USER_TIMEOUT: %s", exc)
 
     def _connection_finished(self, conn: Connection) -> None:
         self._ending += 1
