@@ -457,7 +457,7 @@ class Server:
             log.debug("cannot set TCP_NODELAY/keepalive/TCP_USER_TIMEOUT on the listener: %s", exc)
 
     def _configure(self, tcp: pyuv.TCP) -> None:
-        """TCP_NODELAY, keepalive and TCP_USER_TIMEOUT for an accepted socket that may not have inherited them."""
+        """TCP_NODELAY, keepalive and TCP_USER_TIMEOUT for an accepted socket that did not inherit them."""
         keepalive, send_timeout = self.options.keepalive, self.options.send_timeout
         try:
             if self._inherits is None:
