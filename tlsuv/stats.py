@@ -188,10 +188,6 @@ def _tls_failure(reason: TLSError) -> str:
     return "protocol"
 
 
-def _bucket(seconds: float) -> int:
-    return bisect_left(HANDSHAKE_BUCKETS, seconds)  # len(HANDSHAKE_BUCKETS): the +Inf bucket
-
-
 def _add_counts(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
     out = dict(a)
     for k, v in b.items():
@@ -319,7 +315,8 @@ class _Handshakes:
         seconds, version, cipher, alpn, resumed = p
         self.count += n
         if seconds is not None:
-            self.buckets[_bucket(seconds)] += n
+            # len(HANDSHAKE_BUCKETS), past the last bound: the +Inf bucket.
+            self.buckets[bisect_left(HANDSHAKE_BUCKETS, seconds)] += n
             self.seconds += n * seconds
         self.versions[version] = self.versions.get(version, 0) + n
         if cipher is not None:

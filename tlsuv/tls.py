@@ -651,7 +651,11 @@ class TLSEngine:
         deferred = self.deferred
         if self.state is HANDSHAKING:
             return not deferred
-        while deferred and self.can_write:
+        while deferred:
+            # can_write, inlined (no way back to HANDSHAKING): once per connection at least.
+            state = self.state
+            if state is not ESTABLISHED and state is not PEER_CLOSED:
+                break
             view = deferred.popleft()
             self.deferred_bytes -= len(view)
             if not self._send_or_defer(view):
