@@ -36,9 +36,12 @@
  * - It never calls Python code itself.  A handler that closes its
  *   connection runs only after receive() returned: nothing here can go on
  *   with a connection that Python code changed underneath it.  (OpenSSL may
- *   call pyOpenSSL's callbacks -- verification, SNI, ALPN -- from inside
- *   SSL_read during a renegotiation; cffi takes the GIL for those itself,
- *   exactly as on the pure path.)
+ *   call pyOpenSSL's callbacks -- verification, SNI, ALPN, the key log --
+ *   from inside SSL_read during a handshake, the first one or a
+ *   renegotiation: tlsuv.tls feeds handshake reads through receive() too.
+ *   cffi takes the GIL for those itself, exactly as on the pure path; they
+ *   act on the Context and the pyOpenSSL Connection, never on a Pipe, and
+ *   pyOpenSSL's wrappers catch whatever they raise.)
  * - Errors are not mapped here.  Whenever SSL_read fails with anything but
  *   SSL_ERROR_WANT_READ, receive() returns SSL_read's result and tlsuv.tls
  *   hands it to the same pyOpenSSL code that maps it on the pure path
