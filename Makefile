@@ -99,13 +99,15 @@ ASAN_CFLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-
 # The ASan build replaces the in-place extension for the run and is put back after it, even
 # when the run is interrupted (the EXIT trap; INT/TERM exit through it): the
 # editable install's import hook finds tlsuv in the source tree whatever PYTHONPATH says.
+# Only this venv's build: other interpreters' venvs (make setup PYTHON=...) leave theirs beside it.
 # Left out: the tests whose third-party programs fail under the preloaded ASan runtime that
 # every child process inherits -- gnutls-cli and systemd-socket-activate -- on either data
 # path, with the extension not even loaded (TLSUV_NO_EXTENSIONS=1 fails them the same way);
 # and testssl, whose hundreds of openssl runs, each with the runtime preloaded, time out.
 ASAN_DESELECT := not gnutls and not systemd_socket_activate and not documented_service and not testssl
 asan: $(STAMP)
-	so=$$(ls tlsuv/_speedups*.so) && cp "$$so" "$$so.keep" && \
+	so=tlsuv/_speedups$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))') && \
+	cp "$$so" "$$so.keep" && \
 	trap 'mv "$$so.keep" "$$so"' EXIT && trap 'exit 130' INT TERM && \
 	$(CC) -shared -fPIC -Wall -Wextra $(ASAN_CFLAGS) \
 		-I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" tlsuv/_speedups.c -o "$$so" && \
