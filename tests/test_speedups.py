@@ -43,7 +43,7 @@ class Server:
     def __init__(self, certs: Certs, version: int = SSL.TLS1_3_VERSION) -> None:
         self.conn = SSL.Connection(certs.server_context(max_version=version), None)
         self.conn.set_accept_state()
-        _openssl.whole_writes(self.conn)
+        _openssl.tune(self.conn)
         handles = _openssl.fast_handles(self.conn)
         assert handles is not None
         self.handles = handles

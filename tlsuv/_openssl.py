@@ -210,42 +210,26 @@ def fast_handles(conn: SSL.Connection) -> tuple[Any, Any, Any] | None:
 
 
 _HAVE_SET_MODE: Final = _has("SSL_set_mode", "SSL_MODE_RELEASE_BUFFERS")
-
-
-def release_idle_buffers(conn: SSL.Connection) -> bool:
-    """Let OpenSSL free a connection's record buffers (~34 KiB) whenever they are empty.
-
-    An idle connection then holds only its keys and state.  The price is a
-    malloc/free pair per record on busy connections, far below the AES work.
-    Per connection, because pyOpenSSL forbids changing a Context in use.
-    """
-    if not _HAVE_SET_MODE:
-        return False
-    _lib.SSL_set_mode(_ssl_ptr(conn), _lib.SSL_MODE_RELEASE_BUFFERS)
-    return True
-
-
 _HAVE_CLEAR_MODE: Final = _has("SSL_clear_mode", "SSL_MODE_ENABLE_PARTIAL_WRITE")
 
 
-def whole_writes(conn: SSL.Connection) -> bool:
-    """Make one SSL_write encrypt the whole buffer, however many records it takes.
-
-    pyOpenSSL sets SSL_MODE_ENABLE_PARTIAL_WRITE on every Context, so
-    SSL_write returns after each 16 KiB record: a 64 KiB write took four
-    calls, three of them through the slow path.  A memory BIO never refuses
-    bytes, so without the mode SSL_write either writes every record or fails
-    (WANT_READ, in a renegotiation) -- and is then retried with the same
-    buffer, as deferred writes always are.
-    """
-    if not _HAVE_CLEAR_MODE:
-        return False
-    _lib.SSL_clear_mode(_ssl_ptr(conn), _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
-    return True
-
-
 def tune(conn: SSL.Connection) -> None:
-    """:func:`release_idle_buffers` and :func:`whole_writes` in one call, for a new connection."""
+    """Set the two modes tlsuv wants on every connection, once, as it is made.
+
+    Per connection, because pyOpenSSL forbids changing a Context in use; in
+    one call, because it is made once per accepted connection.
+
+    * ``SSL_MODE_RELEASE_BUFFERS``: OpenSSL frees a connection's record
+      buffers (~34 KiB) whenever they are empty, so an idle connection holds
+      only its keys and state.  The price is a malloc/free pair per record on
+      busy connections, far below the AES work.
+    * No ``SSL_MODE_ENABLE_PARTIAL_WRITE`` (whole writes): pyOpenSSL sets it
+      on every Context, so SSL_write returned after each 16 KiB record and a
+      64 KiB write took four calls, three of them through the slow path.  A
+      memory BIO never refuses bytes, so without the mode SSL_write either
+      writes every record or fails (WANT_READ, in a renegotiation) -- and is
+      then retried with the same buffer, as deferred writes always are.
+    """
     ptr = conn._ssl
     if _HAVE_SET_MODE:
         _lib.SSL_set_mode(ptr, _lib.SSL_MODE_RELEASE_BUFFERS)

@@ -153,10 +153,10 @@ def configured(tcp: pyuv.TCP, keepalive: int | None, send_timeout: float | None,
                 and _get_int(fd, tcp_level, _TCP_USER_TIMEOUT) != _user_timeout_ms(send_timeout))
 
 
-# IP_TRANSPARENT and IPV6_TRANSPARENT from linux/in.h and linux/in6.h (the
-# socket module names the first only from Python 3.12 on some builds).
-_IP_TRANSPARENT: Final = 19
-_IPV6_TRANSPARENT: Final = 75
+# IP_TRANSPARENT (linux/in.h) and IPV6_TRANSPARENT (linux/in6.h), by number
+# where the socket module does not name them (it has no IPV6_TRANSPARENT in 3.11-3.13).
+_IP_TRANSPARENT: Final = getattr(socket, "IP_TRANSPARENT", 19)
+_IPV6_TRANSPARENT: Final = getattr(socket, "IPV6_TRANSPARENT", 75)
 
 
 def transparent(tcp: pyuv.TCP, ipv6: bool) -> bool:

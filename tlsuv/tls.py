@@ -301,7 +301,7 @@ class TLSEngine:
         else:
             self._ptr = self._rbio = self._wbio = self.pipe = None
         self.fast: Any = None  # the pipe, once established (see the class docstring)
-        _o.tune(self.ssl)  # release_idle_buffers and whole_writes
+        _o.tune(self.ssl)  # record buffers freed when idle, whole writes
         # compact() would give memory back: a BIO held more than COMPACT_MIN,
         # or the handshake (or an _attach) made BIOs an idle connection can do without.
         self.wants_compaction = False
@@ -592,7 +592,7 @@ class TLSEngine:
         Only needed when ``n`` is not ``len(data)``: the error is mapped, or on
         WANT_READ (a renegotiation) the data becomes the first deferred write.
         """
-        if n > 0:  # pragma: no cover - only if whole_writes() could not clear partial writes
+        if n > 0:  # pragma: no cover - only if tune() could not clear partial writes
             self._send_view(memoryview(data)[n:])
         else:
             self._send_view(memoryview(data), failed=n)
@@ -607,7 +607,7 @@ class TLSEngine:
             n = _SSL_write(ptr, data, len(data)) if pipe is None else pipe.write(data)
             if n == len(data):
                 return True
-            if n > 0:  # pragma: no cover - only if whole_writes() could not clear partial writes
+            if n > 0:  # pragma: no cover - only if tune() could not clear partial writes
                 return self._send_view(memoryview(data)[n:])
             return self._send_view(memoryview(data), failed=n)
         return self._send_view(memoryview(data).cast("B"))
