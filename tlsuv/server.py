@@ -118,8 +118,8 @@ class Server:
         # not run yet: they are still in ``connections`` until the end of this
         # loop iteration, but no longer count against the limits.
         self._ending = 0
-        # Connections accepted on one listener share their local address;
-        # one tuple for all of them instead of one each (~150 bytes).
+        # Connections accepted on a wildcard listener share their local address
+        # while it repeats: one tuple for all of them instead of one each (~150 bytes).
         self._sockname: tuple[str, int] | None = None
         # A listener bound to one address hands every connection that address:
         # no getsockname per accept.  Wildcard (and transparent) listeners are
@@ -344,20 +344,22 @@ class Server:
         if not self._inherits:  # TCP_NODELAY, keepalive and TCP_USER_TIMEOUT, where not inherited
             self._configure(tcp)
         per_client = proxied and self._clients is not None  # counted once the header names the client
+        local = self._local.get(listener)
         conn = Connection(tcp, self.context, self.handler_factory, pending=self.pending,
                           options=self.options, on_gone=self._gone, on_finish=self._finished,
                           on_proxy_header=self._admit_proxied if per_client else None,
-                          sockname=self._local.get(listener))
+                          sockname=local)
         if client is not None:
             if conn.closed:  # its handler factory failed: it finished before we could file it
                 assert self._clients is not None
                 self._clients.release(client)
             else:
                 self._client_of[conn] = client
-        if conn.sockname == self._sockname:
-            conn.sockname = self._sockname
-        else:
-            self._sockname = conn.sockname
+        if local is None:  # a wildcard listener: share the tuple while the address repeats
+            if conn.sockname == self._sockname:
+                conn.sockname = self._sockname
+            else:
+                self._sockname = conn.sockname
         if log.isEnabledFor(logging.DEBUG):  # skip formatting per connection when nobody looks
             log.debug("%s: accepted", format_address(conn.peer))
         self.connections.add(conn)

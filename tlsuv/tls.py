@@ -385,19 +385,21 @@ class TLSEngine:
             return [_unpack(buf, n)]
         return self._read_records(ptr, rbio, buf, n, ESTABLISHED)
 
-    def settle_receive(self, size: int, status: int) -> None:
+    def settle_receive(self, size: int, status: int, state: State = ESTABLISHED) -> None:
         """Settle a ``fast.receive(data, chunks)`` the owner made itself: ``size`` bytes fed, its result.
 
         Needed only when the result was not 1 (OpenSSL's error is mapped here,
         exactly as :meth:`receive` maps it: a raise, or the peer's
         close_notify) or more than COMPACT_MIN bytes went in (the BIO grew).
         The plaintext the call appended is the caller's either way, unless
-        this raises.
+        this raises.  ``state`` is the state the call was made in: the owner's
+        is always ESTABLISHED (that is when it has ``fast``); the engine's own
+        handshake reads pass theirs.
         """
         if size > COMPACT_MIN:
             self.wants_compaction = True
         if status != 1:
-            self._read_failed(self._ptr, status, ESTABLISHED)
+            self._read_failed(self._ptr, status, state)
 
     def _receive_other(self, data: bytes) -> list[bytes]:
         """:meth:`receive` in every other case: another state, BIOs compacted, the public path."""
@@ -413,12 +415,8 @@ class TLSEngine:
         elif self.pipe is not None:
             # Compiled: the handshake's reads take the same one call as the
             # data path's (the SSL_read loop drives the handshake).
-            if len(data) > COMPACT_MIN:
-                self.wants_compaction = True
             chunks = []
-            status = self.pipe.receive(data, chunks)
-            if status != 1:
-                self._read_failed(ptr, status, state)
+            self.settle_receive(len(data), self.pipe.receive(data, chunks), state)
         else:
             rbio = self._rbio
             if data:
